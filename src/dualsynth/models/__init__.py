@@ -1,0 +1,1 @@
+"""nn.Modules of the paper: the VQ-VAE and the PixelCNN priors."""

@@ -1,0 +1,661 @@
+"""Training, encoding and reporting for the VQ-VAE (the paper's section 4.1, Figures 7-9).
+
+`train_vqvae` trains on a dataset folder's train split and writes a run folder (config.yaml, checkpoints/best.pt
+and last.pt, log.csv, monitor.png, recon_error.png, report.json, manifest.json). Everything random in a run
+(model init, data order, crops, flips, k-means init, dead-code restarts) is a function of the seed and the step,
+so a run stopped at step k and resumed gives the same weights as one that was never stopped.
+
+Python API: `load_vqvae(run_dir, device)`, `encode(model, joint)`, `decode(model, codes)`,
+`reconstruct(model, joint)`, `split_joint(model, joint)`, `report_vqvae(run_dir, data_dir)`,
+`encode_dataset(run_dir, data_dir, out_dir)`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from dualsynth.config import StrictModel, autocast, grad_scaler, resolve_device
+from dualsynth.data import ClassInfo, DatasetFolder, TileRecord, colorize_mask, join, split
+from dualsynth.errors import InputError
+from dualsynth.io import atomic_path, read_csv, read_yaml, save_figure, save_png, to_uint8, write_json
+from dualsynth.metrics import SegmentationScores
+from dualsynth.models.vqvae import VQVAE, VQVAEArchitecture, VQVAEConfig, reconstruction_losses
+from dualsynth.runs import RunFolder, capture_rng_state
+
+KIND = "vqvae"
+
+
+class VQVAETrainConfig(StrictModel):
+    """Everything `train-vqvae` reads from a preset, a config file or `--set key=value`."""
+
+    preset: str | None = Field(None, description="name of the preset this config started from")
+    model: VQVAEArchitecture = Field(default_factory=VQVAEArchitecture)
+    mask_encoding: Literal["levels", "onehot"] = Field(
+        "levels", description="levels: one mask channel, class k at k/(C-1) (paper); onehot: C channels"
+    )
+    mask_weight: float = Field(1.0, ge=0, description="weight of the mask-channel MSE in the loss")
+    tile: int | None = Field(
+        None, ge=8, description="train on random square crops of this side (None: whole dataset tiles)"
+    )
+    augment: bool = Field(True, description="random flips and 90-degree rotations of training tiles")
+    batch_size: int = Field(8, ge=1, description="tiles per update (paper: 8)")
+    steps: int = Field(50_000, ge=1, description="training updates (paper: 50,000)")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate (Sonnet's example: 3e-4)")
+    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
+    log_every: int = Field(100, ge=1, description="steps per log.csv row (window means); best.pt is checked here")
+    monitor_every: int = Field(1000, ge=1, description="steps per monitoring figure (paper Figs. 7 and 8)")
+    checkpoint_every: int = Field(1000, ge=1, description="steps per checkpoints/last.pt")
+    eval_batch_size: int = Field(8, ge=1, description="tiles per batch when reconstructing for reports")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's Table 4: 256x256 tiles, batch 8, D=64, K=10, 50,000 updates; Sonnet's network widths
+    "paper": {
+        "model": {"hidden": 128, "res_hidden": 32, "res_layers": 2, "embedding_dim": 64, "num_embeddings": 10},
+        "tile": None,
+        "batch_size": 8,
+        "steps": 50_000,
+        "lr": 3e-4,
+        "log_every": 100,
+        "monitor_every": 1000,
+        "checkpoint_every": 1000,
+    },
+    # about five minutes on a 2-core CPU: narrower network, 64 px crops, fewer and larger steps
+    "quick": {
+        "model": {"hidden": 64, "res_hidden": 32, "res_layers": 2, "embedding_dim": 64, "num_embeddings": 10},
+        "tile": 64,
+        "batch_size": 8,
+        "steps": 1000,
+        "lr": 1e-3,
+        "log_every": 25,
+        "monitor_every": 250,
+        "checkpoint_every": 250,
+    },
+}
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def _record_name(rec: TileRecord) -> str:
+    return rec.file
+
+
+def load_joint_tiles(folder: DatasetFolder, records: Sequence[Any], encoding: str) -> list[torch.Tensor]:
+    """Joint images (C_img + C_mask, H, W) float32 of the given records, in record order."""
+    return [
+        torch.as_tensor(join(folder.load_image(rec), folder.load_mask(rec), folder.num_classes, encoding)).float()
+        for rec in records
+    ]
+
+
+def crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Trim the bottom and right edges of (..., H, W) so H and W are multiples of `multiple`."""
+    h, w = x.shape[-2] // multiple * multiple, x.shape[-1] // multiple * multiple
+    return x[..., :h, :w]
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Tile indices of update `step`: consecutive slices of one seeded permutation per epoch."""
+    positions = step * batch_size + np.arange(batch_size)
+    epochs, offsets = positions // n, positions % n
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+    return out
+
+
+def make_batch(
+    tiles: torch.Tensor | Sequence[torch.Tensor], indices: np.ndarray, tile: int | None, augment: bool, seed: int, step: int
+) -> torch.Tensor:
+    """The batch of update `step`: random crops of side `tile` (or whole tiles), random flips/rotations."""
+    rng = np.random.default_rng([seed, step, 1])
+    out = []
+    for i in indices:
+        x = tiles[int(i)]
+        if tile is not None:
+            top = int(rng.integers(0, x.shape[-2] - tile + 1))
+            left = int(rng.integers(0, x.shape[-1] - tile + 1))
+            x = x[:, top : top + tile, left : left + tile]
+        if augment:
+            # micrographs have no preferred orientation, so the 8 flips/rotations are free extra data
+            k, flip = int(rng.integers(0, 4)), bool(rng.integers(0, 2))
+            if x.shape[-1] != x.shape[-2]:
+                k = 2 * (k % 2)
+            x = torch.rot90(x, k, dims=(-2, -1))
+            if flip:
+                x = torch.flip(x, dims=(-1,))
+        out.append(x)
+    return torch.stack(out).contiguous()
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+# --- Python API ---------------------------------------------------------------------------------------------
+
+
+def load_vqvae(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str = "best") -> VQVAE:
+    """The trained VQ-VAE of a run folder (its `best` checkpoint, else `last`), in eval mode on `device`."""
+    run = RunFolder.open(run_dir, kind=KIND)
+    name = checkpoint if run.has_checkpoint(checkpoint) else "last"
+    if not run.has_checkpoint(name):
+        raise InputError(run.path, "run has no checkpoint yet (checkpoints/best.pt or last.pt)")
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = VQVAE.from_checkpoint(run.load_checkpoint(name, map_location=device))
+    return model.to(device).eval()
+
+
+def _batched(model: VQVAE, x: torch.Tensor, fn: Callable, batch_size: int, single: bool) -> torch.Tensor:
+    """Run `fn` over `x` in eval mode, batch by batch on the model's device; `single` adds/removes a batch axis."""
+    if single:
+        x = x[None]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device):
+            parts = [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    out = torch.cat(parts) if parts else torch.empty(0)
+    return out[0] if single else out
+
+
+def encode(model: VQVAE, joint: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
+    """Joint images (B, C, H, W) or (C, H, W) -> z-matrices (B, h, w) or (h, w), long, on the CPU."""
+    joint = torch.as_tensor(joint).float()
+    return _batched(model, joint, model.encode, batch_size, single=joint.ndim == 3)
+
+
+def decode(model: VQVAE, codes: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
+    """z-matrices (B, h, w) or (h, w) -> joint images (B, C, H, W) or (C, H, W), float32 on the CPU.
+
+    Values are the decoder's raw output (roughly [0, 1]); `split_joint` turns them into images and masks.
+    """
+    codes = torch.as_tensor(codes).long()
+    return _batched(model, codes, lambda c: model.decode(c).float(), batch_size, single=codes.ndim == 2)
+
+
+def reconstruct(model: VQVAE, joint: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
+    """decode(encode(joint)): joint images as the VQ-VAE reproduces them, float32 on the CPU."""
+    joint = torch.as_tensor(joint).float()
+    return _batched(model, joint, lambda x: model.reconstruct(x).float(), batch_size, single=joint.ndim == 3)
+
+
+def split_joint(model: VQVAE, joint: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Joint images (B, C, H, W) -> [(image (H, W, C_img) float32 in [0, 1], mask (H, W) int)], per the model's
+    mask encoding and number of classes."""
+    c = model.config
+    out = []
+    for x in torch.as_tensor(joint):
+        image, mask = split(x, c.num_classes, c.mask_encoding)
+        out.append((np.clip(_as_hwc(image), 0.0, 1.0), np.asarray(mask)))
+    return out
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+LOG_KEYS = ("loss", "recon_error", "image_mse", "mask_mse", "vq_loss", "perplexity", "codes_in_use")
+
+
+def _resolved_model_config(config: VQVAETrainConfig, folder: DatasetFolder) -> VQVAEConfig:
+    return VQVAEConfig(
+        **config.model.model_dump(),
+        image_channels=folder.image_channels,
+        num_classes=folder.num_classes,
+        mask_encoding=config.mask_encoding,
+    )
+
+
+def _split_records(folder: DatasetFolder) -> tuple[list, list]:
+    train = list(folder.records(split="train"))
+    if not train:
+        raise InputError(folder.path, "dataset has no 'train' tiles")
+    val = list(folder.records(split="val"))
+    return train, val
+
+
+def _stack_same_size(tiles: list[torch.Tensor], what: str, path: Any) -> torch.Tensor:
+    shapes = {tuple(t.shape) for t in tiles}
+    if len(shapes) > 1:
+        raise InputError(path, f"{what} tiles differ in size ({sorted(shapes)[:3]}...); set 'tile' to crop them")
+    return torch.stack(tiles)
+
+
+def train_vqvae(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: VQVAETrainConfig,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a VQ-VAE on the train split of `data_dir` into the run folder `out_dir`; return a summary.
+
+    `resume` continues `out_dir` from checkpoints/last.pt (same config required). `stop_after` ends this call
+    after that many updates, as if the run had been killed there (for tests); the checkpoint is still written.
+    """
+    dev = resolve_device(device)
+    folder = DatasetFolder(data_dir)
+    model_config = _resolved_model_config(config, folder)
+    run_config = {"data": str(Path(data_dir)), **config.model_dump(mode="json"), "device": device}
+    run = RunFolder.create(out_dir, run_config, kind=KIND, resume=resume)
+
+    train_recs, val_recs = _split_records(folder)
+    train_tiles = load_joint_tiles(folder, train_recs, config.mask_encoding)
+    if config.tile is None:
+        train_tiles = crop_to_multiple(_stack_same_size(train_tiles, "train", data_dir), model_config.downsample)
+        if min(train_tiles.shape[-2:]) < model_config.downsample:
+            raise InputError(data_dir, "tiles are smaller than the model's downsampling factor")
+    else:
+        if config.tile % model_config.downsample:
+            raise InputError("tile", f"{config.tile} is not a multiple of downsample={model_config.downsample}")
+        smallest = min(min(t.shape[-2:]) for t in train_tiles)
+        if smallest < config.tile:
+            raise InputError(data_dir, f"train tiles ({smallest} px) are smaller than the crop tile={config.tile}")
+    monitor_rec, monitor_joint = _monitor_tile(folder, val_recs or train_recs, config, model_config)
+
+    torch.manual_seed(config.seed)
+    model = VQVAE(model_config).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scaler = grad_scaler(dev)
+    state = {"step": 0, "best_error": math.inf, "best_step": 0, "window": _empty_window(), "history": []}
+    if resume and run.has_checkpoint("last"):
+        ckpt = run.load_checkpoint("last", map_location=dev)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        state.update(ckpt["train_state"])
+        run.truncate_log("step", state["step"])
+    elif resume:
+        run.truncate_log("step", 0)
+
+    run.write_manifest({"data": str(Path(data_dir)), "train_tiles": len(train_recs), "val_tiles": len(val_recs)})
+
+    def save_last() -> None:
+        run.save_checkpoint(
+            "last",
+            {
+                **model.checkpoint(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "train_state": state,
+                "rng": capture_rng_state(),
+                "run_config": run_config,
+            },
+        )
+
+    start = state["step"]
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    bar = _progress(progress, config.steps, start)
+    t0, tiles_seen = time.perf_counter(), 0
+    model.train()
+    try:
+        while state["step"] < end:
+            step = state["step"]
+            torch.manual_seed(_step_seed(config.seed, step))
+            idx = batch_indices(len(train_tiles), config.batch_size, config.seed, step)
+            x = make_batch(train_tiles, idx, config.tile, config.augment, config.seed, step).to(dev)
+            with autocast(dev):
+                out = model(x)
+            image_mse, mask_mse = reconstruction_losses(x, out.recon, model_config.image_channels)
+            loss = image_mse + config.mask_weight * mask_mse + out.vq_loss.float()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state["step"] = step = step + 1
+            tiles_seen += x.shape[0]
+            recon_error = float(torch.nn.functional.mse_loss(out.recon.detach().float(), x))
+            _accumulate(state["window"], {
+                "loss": float(loss), "recon_error": recon_error, "image_mse": float(image_mse),
+                "mask_mse": float(mask_mse), "vq_loss": float(out.vq_loss), "perplexity": float(out.perplexity),
+                "codes_in_use": float(out.codes_in_use),
+            })
+            if step % config.log_every == 0 or step == config.steps:
+                row = _close_window(state, step, tiles_seen / max(time.perf_counter() - t0, 1e-9))
+                run.log(row)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}", err=f"{row['recon_error']:.4f}",
+                        ppl=f"{row['perplexity']:.2f}", codes=int(row["codes_in_use"]),
+                    )
+                if row["recon_error"] < state["best_error"]:
+                    # the paper's rule: keep the weights with the lowest reconstruction error on training data
+                    state["best_error"], state["best_step"] = row["recon_error"], step
+                    run.save_checkpoint("best", {**model.checkpoint(), "step": step, "recon_error": row["recon_error"]})
+            if step % config.monitor_every == 0 or step == config.steps:
+                _monitor(run, model, monitor_rec, monitor_joint, folder, state, step)
+                model.train()
+            if step % config.checkpoint_every == 0 or step == end:
+                save_last()
+            if bar is not None:
+                bar.update(1)
+    except KeyboardInterrupt:
+        save_last()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary: dict[str, Any] = {"step": state["step"], "best_step": state["best_step"], "best_error": state["best_error"]}
+    if state["step"] >= config.steps:
+        report = report_vqvae(run.path, data_dir, device=str(dev), print_table=False)
+        summary["report"] = report
+    run.write_manifest(
+        {"data": str(Path(data_dir)), "train_tiles": len(train_recs), "val_tiles": len(val_recs)},
+        device=str(dev),
+        steps_done=state["step"],
+        best_step=state["best_step"],
+    )
+    return summary
+
+
+def _empty_window() -> dict[str, float]:
+    return {"n": 0, **{k: 0.0 for k in LOG_KEYS}}
+
+
+def _accumulate(window: dict[str, float], values: dict[str, float]) -> None:
+    window["n"] += 1
+    for k, v in values.items():
+        window[k] += v
+
+
+def _close_window(state: dict[str, Any], step: int, tiles_per_s: float) -> dict[str, Any]:
+    window = state["window"]
+    n = max(window["n"], 1)
+    row: dict[str, Any] = {"step": step, **{k: window[k] / n for k in LOG_KEYS}, "tiles_per_s": tiles_per_s}
+    state["window"] = _empty_window()
+    return row
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train-vqvae", unit="step", dynamic_ncols=True)
+
+
+# --- monitoring figures (paper Figs. 7 and 8) ---------------------------------------------------------------
+
+
+def _monitor_tile(folder: DatasetFolder, records: Sequence[Any], config: VQVAETrainConfig, model_config: VQVAEConfig):
+    """The fixed validation tile the monitoring figure shows: the first one, cropped to at most 256 px."""
+    rec = records[0]
+    joint = load_joint_tiles(folder, [rec], config.mask_encoding)[0]
+    joint = crop_to_multiple(joint[:, :256, :256], model_config.downsample)
+    return rec, joint
+
+
+def _image_rgb(image: np.ndarray) -> np.ndarray:
+    """Float image (H, W) or (H, W, C) in [0, 1] -> RGB uint8 for figures."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    rgb = to_uint8(image)
+    return np.repeat(rgb[..., None], 3, axis=-1) if rgb.ndim == 2 else rgb[..., :3]
+
+
+def _as_hwc(image: torch.Tensor) -> np.ndarray:
+    return np.moveaxis(np.asarray(image.detach().cpu(), dtype=np.float32), 0, -1)
+
+
+def joint_panel(joint: torch.Tensor, classes: Sequence[ClassInfo], encoding: str) -> np.ndarray:
+    """Micrograph above its mask (split by nearest level / argmax), one uint8 RGB array."""
+    image, mask = split(joint.float(), len(classes), encoding)
+    image = np.clip(_as_hwc(image), 0, 1)
+    gap = np.full((4, image.shape[1], 3), 255, dtype=np.uint8)
+    return np.concatenate([_image_rgb(image), gap, colorize_mask(np.asarray(mask), classes)], axis=0)
+
+
+def _monitor(run: RunFolder, model: VQVAE, rec: Any, joint: torch.Tensor, folder, state: dict, step: int) -> None:
+    c = model.config
+    recon = reconstruct(model, joint)
+    error = float(torch.mean((recon - joint) ** 2))
+    monitor_dir = run.path / "monitor"
+    if not (monitor_dir / "input.png").exists():
+        save_png(monitor_dir / "input.png", joint_panel(joint, folder.classes, c.mask_encoding))
+    save_png(monitor_dir / f"step_{step:07d}.png", joint_panel(recon, folder.classes, c.mask_encoding))
+    # the validation tile's own error, kept in the training state so a resumed run titles its figure alike
+    state["history"] = [h for h in state["history"] if h[0] < step] + [(step, error)]
+    draw_monitor_figure(run.path, dict(state["history"]), _record_name(rec))
+    draw_error_curve(run.path)
+
+
+def draw_monitor_figure(run_dir: Path, errors: dict[int, float], tile_name: str = "") -> None:
+    """monitor.png (paper Fig. 7): the validation tile, then its reconstruction at up to 3 monitored steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    monitor_dir = Path(run_dir) / "monitor"
+    snaps = sorted(monitor_dir.glob("step_*.png"))
+    if not snaps or not (monitor_dir / "input.png").exists():
+        return
+    picks = [snaps[0], snaps[len(snaps) // 2], snaps[-1]] if len(snaps) >= 3 else snaps
+    picks = list(dict.fromkeys(picks))
+    fig, axes = plt.subplots(1, len(picks) + 1, figsize=(2.6 * (len(picks) + 1), 5.4))
+    panels = [("input" + (f"\n{tile_name}" if tile_name else ""), monitor_dir / "input.png")]
+    for p in picks:
+        step = int(p.stem.split("_")[1])
+        err = errors.get(step)
+        panels.append((f"step {step}" + (f"\nrecon. error {err:.4f}" if err is not None else ""), p))
+    for ax, (title, path) in zip(np.atleast_1d(axes), panels):
+        with Image.open(path) as img:
+            ax.imshow(np.asarray(img))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("VQ-VAE monitoring: micrograph (top) and mask (bottom)", fontsize=10)
+    save_figure(Path(run_dir) / "monitor.png", fig)
+
+
+def _log_rows(run_dir: Path) -> list[dict[str, str]]:
+    path = Path(run_dir) / RunFolder.LOG
+    return read_csv(path) if path.exists() else []
+
+
+def draw_error_curve(run_dir: Path) -> None:
+    """recon_error.png (paper Fig. 8): training reconstruction error against step."""
+    rows = _log_rows(run_dir)
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [float(r["step"]) for r in rows]
+    errors = [float(r["recon_error"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, errors, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("reconstruction error (MSE)")
+    ax.set_title("VQ-VAE reconstruction error on training batches")
+    ax.grid(alpha=0.3)
+    save_figure(Path(run_dir) / "recon_error.png", fig)
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+
+def _default_data(run: RunFolder) -> Path:
+    data = run.config.get("data")
+    if not data:
+        raise InputError(run.path, "run does not name its dataset; give --data")
+    return Path(data)
+
+
+def report_vqvae(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    split_name: str = "val",
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Score the run's reconstructions of the `split_name` tiles (train if it has none) -> RUN/report.json.
+
+    Image MSE on the micrograph channels; the mask recovered by `split` scored against the true mask with
+    pixel accuracy, mIoU and Missing Class IoU (`dualsynth.metrics.SegmentationScores`).
+    """
+    run = RunFolder.open(run_dir, kind=KIND)
+    data_dir = Path(data_dir) if data_dir is not None else _default_data(run)
+    dev = resolve_device(device)
+    model = load_vqvae(run.path, dev)
+    c = model.config
+    folder = DatasetFolder(data_dir)
+    if folder.num_classes != c.num_classes or folder.image_channels != c.image_channels:
+        raise InputError(
+            data_dir,
+            f"dataset has {folder.image_channels} image channel(s) and {folder.num_classes} classes; "
+            f"the VQ-VAE was trained on {c.image_channels} and {c.num_classes}",
+        )
+    records = list(folder.records(split=split_name))
+    used = split_name
+    if not records:
+        records, used = list(folder.records(split="train")), "train"
+    scores = SegmentationScores(folder.num_classes, list(folder.class_names))
+    image_se, image_n, codes_seen = 0.0, 0, set()
+    for rec in records:
+        joint = crop_to_multiple(load_joint_tiles(folder, [rec], c.mask_encoding)[0], c.downsample)
+        codes = encode(model, joint)
+        codes_seen.update(torch.unique(codes).tolist())
+        recon = decode(model, codes)
+        (image, mask), = split_joint(model, recon[None])
+        true_image, true_mask = split(joint, c.num_classes, c.mask_encoding)
+        true_image = _as_hwc(true_image)
+        image_se += float(((image - true_image) ** 2).sum())
+        image_n += image.size
+        scores.update(mask, np.asarray(true_mask), name=_record_name(rec))
+    summary = scores.summary()
+    report = {
+        "run": str(run.path),
+        "data": str(data_dir),
+        "split": used,
+        "tiles": len(records),
+        "image_mse": image_se / max(image_n, 1),
+        "mask_pixel_accuracy": summary["pixel_accuracy"],
+        "mask_miou": summary["miou"],
+        "mask_missing_class_iou": summary["missing_class_iou"],
+        "mask_iou_per_class": summary["iou_per_class"],
+        "codes_in_use": len(codes_seen),
+        "num_embeddings": c.num_embeddings,
+        "per_tile": scores.rows(),
+    }
+    write_json(run.path / "report.json", report)
+    if print_table:
+        print(format_report(report))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a small aligned table for the terminal."""
+    rows = [
+        ("tiles", f"{report['tiles']} ({report['split']})"),
+        ("image MSE", f"{report['image_mse']:.5f}"),
+        ("mask pixel accuracy", f"{report['mask_pixel_accuracy']:.4f}"),
+        ("mask mIoU", f"{report['mask_miou']:.4f}"),
+        ("mask Missing Class IoU", f"{report['mask_missing_class_iou']:.4f}"),
+        ("codes in use", f"{report['codes_in_use']} of {report['num_embeddings']}"),
+    ]
+    rows += [(f"  IoU {name}", f"{v:.4f}") for name, v in report["mask_iou_per_class"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# --- encode (paper Fig. 9) ----------------------------------------------------------------------------------
+
+
+def encode_dataset(
+    run_dir: str | Path, data_dir: str | Path, out_dir: str | Path, device: str = "auto", figure_tiles: int = 4
+) -> dict[str, Any]:
+    """Write the z-matrices of every tile: OUT/<split>.npz with `codes` (N, h, w) int16 and `files` (N,),
+    plus OUT/figure9.png (micrograph, mask, z-matrix coloured by code) and OUT/encode.json."""
+    dev = resolve_device(device)
+    model = load_vqvae(run_dir, dev)
+    c = model.config
+    folder = DatasetFolder(data_dir)
+    if folder.num_classes != c.num_classes or folder.image_channels != c.image_channels:
+        raise InputError(data_dir, "dataset's image channels or classes differ from the VQ-VAE's")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = list(folder.records())
+    splits = list(dict.fromkeys(_record_split(r) for r in records))
+    counts: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    figure_items = []
+    for split_name in splits:
+        recs = [r for r in records if _record_split(r) == split_name]
+        all_codes, names = [], []
+        for i in range(0, len(recs), 16):
+            chunk = recs[i : i + 16]
+            joints = [crop_to_multiple(j, c.downsample) for j in load_joint_tiles(folder, chunk, c.mask_encoding)]
+            batch = _stack_same_size(joints, split_name, data_dir)
+            codes = encode(model, batch)
+            all_codes.append(codes)
+            names += [_record_name(r) for r in chunk]
+            for rec, joint, z in zip(chunk, joints, codes):
+                if len(figure_items) < figure_tiles:
+                    figure_items.append((rec, joint, z))
+        stacked = _stack_same_size(list(torch.cat(all_codes)), split_name, data_dir).numpy().astype(np.int16)
+        with atomic_path(out_dir / f"{split_name}.npz") as tmp:
+            np.savez_compressed(tmp, codes=stacked, files=np.asarray(names))
+        counts[split_name] = len(names)
+        shapes[split_name] = list(stacked.shape[1:])
+    draw_z_matrices(out_dir / "figure9.png", figure_items, folder, c)
+    info = {
+        "vqvae": str(Path(run_dir)),
+        "data": str(Path(data_dir)),
+        "num_embeddings": c.num_embeddings,
+        "downsample": c.downsample,
+        "tiles": counts,
+        "z_shape": shapes,
+    }
+    write_json(out_dir / "encode.json", info)
+    return info
+
+
+def _record_split(rec: TileRecord) -> str:
+    return rec.split or "train"
+
+
+def draw_z_matrices(path: Path, items: list, folder: DatasetFolder, c: VQVAEConfig) -> None:
+    """Paper Fig. 9: per row a micrograph, its mask, and its z-matrix with one colour per codebook index."""
+    if not items:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cmap = matplotlib.colormaps["tab10" if c.num_embeddings <= 10 else "tab20" if c.num_embeddings <= 20 else "viridis"]
+    fig, axes = plt.subplots(len(items), 3, figsize=(8, 2.7 * len(items)), squeeze=False)
+    for row, (rec, joint, z) in zip(axes, items):
+        image, mask = split(joint, c.num_classes, c.mask_encoding)
+        row[0].imshow(_image_rgb(_as_hwc(image)))
+        row[1].imshow(colorize_mask(np.asarray(mask), folder.classes))
+        shown = row[2].imshow(np.asarray(z), cmap=cmap, vmin=-0.5, vmax=c.num_embeddings - 0.5, interpolation="nearest")
+        row[0].set_title(_record_name(rec), fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    axes[0][1].set_title("mask", fontsize=9)
+    axes[0][2].set_title(f"z-matrix ({c.num_embeddings} codes)", fontsize=9)
+    fig.colorbar(shown, ax=axes[:, 2].tolist(), ticks=range(c.num_embeddings), shrink=0.8, label="code")
+    save_figure(path, fig)

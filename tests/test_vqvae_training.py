@@ -1,0 +1,186 @@
+"""VQ-VAE training runs: the loss falls, resume equals an uninterrupted run, encode/report outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dualsynth.data import ClassInfo, DatasetFolder, DatasetWriter, join
+from dualsynth.errors import InputError
+from dualsynth.io import read_csv
+from dualsynth.training.vqvae import (
+    PRESETS,
+    VQVAETrainConfig,
+    batch_indices,
+    decode,
+    encode,
+    encode_dataset,
+    load_vqvae,
+    make_batch,
+    reconstruct,
+    report_vqvae,
+    split_joint,
+    train_vqvae,
+)
+
+CLASSES = [ClassInfo("matrix", (0, 0, 0)), ClassInfo("a", (255, 0, 0)), ClassInfo("b", (0, 255, 0))]
+
+
+def blob_tile(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A matrix with a few discs of two phases; grey level follows the phase, plus noise."""
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(4):
+        cy, cx, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(3, size // 4))]
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(1, 3)
+    image = np.array([0.3, 0.6, 0.85], dtype=np.float32)[mask] + rng.normal(0, 0.03, (size, size))
+    return np.clip(image, 0, 1).astype(np.float32), mask
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    rng = np.random.default_rng(0)
+    with DatasetWriter(out, CLASSES) as writer:
+        for i in range(8):
+            image, mask = blob_tile(rng, 32)
+            split = "val" if i >= 6 else "train"
+            writer.add(f"t{i}", image, mask, split=split, source=f"s{i}")
+    return out
+
+
+def tiny_config(**kw) -> VQVAETrainConfig:
+    base = dict(
+        model=dict(hidden=8, res_hidden=4, res_layers=1, embedding_dim=4, num_embeddings=6, dead_code_steps=5),
+        tile=16, batch_size=4, steps=6, lr=3e-3, log_every=2, monitor_every=3, checkpoint_every=3,
+    )
+    base.update(kw)
+    return VQVAETrainConfig(**base)
+
+
+def test_presets_validate_and_follow_the_paper():
+    paper = VQVAETrainConfig(**PRESETS["paper"])
+    assert (paper.model.embedding_dim, paper.model.num_embeddings, paper.batch_size, paper.steps) == (64, 10, 8, 50_000)
+    assert paper.tile is None
+    quick = VQVAETrainConfig(**PRESETS["quick"])
+    assert quick.model.num_embeddings == 10 and quick.steps < paper.steps
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = batch_indices(10, 4, seed=3, step=7)
+    assert np.array_equal(a, batch_indices(10, 4, seed=3, step=7))
+    assert not np.array_equal(a, batch_indices(10, 4, seed=4, step=7))
+    # one epoch (steps 0..4 of batch 2 over 10 tiles) visits every tile once
+    epoch = np.concatenate([batch_indices(10, 2, 0, s) for s in range(5)])
+    assert sorted(epoch.tolist()) == list(range(10))
+    tiles = torch.rand(10, 2, 12, 12)
+    x = make_batch(tiles, a, tile=8, augment=True, seed=3, step=7)
+    assert x.shape == (4, 2, 8, 8)
+    assert torch.equal(x, make_batch(tiles, a, tile=8, augment=True, seed=3, step=7))
+
+
+def test_training_lowers_the_loss_and_writes_the_run(dataset, tmp_path):
+    run = tmp_path / "run"
+    summary = train_vqvae(dataset, run, tiny_config(steps=40, log_every=5, monitor_every=20, checkpoint_every=20), device="cpu", progress=False)
+    rows = read_csv(run / "log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(5, 41, 5))
+    assert {"loss", "recon_error", "image_mse", "mask_mse", "perplexity", "codes_in_use"} <= set(rows[0])
+    assert float(rows[-1]["recon_error"]) < 0.5 * float(rows[0]["recon_error"])
+    for name in ("config.yaml", "checkpoints/best.pt", "checkpoints/last.pt", "manifest.json", "monitor.png",
+                 "recon_error.png", "report.json", "monitor/input.png", "monitor/step_0000020.png"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert report["split"] == "val" and report["tiles"] == 2
+    assert 0 <= report["mask_pixel_accuracy"] <= 1 and 1 <= report["codes_in_use"] <= 6
+    assert summary["report"]["mask_pixel_accuracy"] == report["mask_pixel_accuracy"]
+    best = torch.load(run / "checkpoints/best.pt", weights_only=False)
+    assert best["recon_error"] == pytest.approx(min(float(r["recon_error"]) for r in rows), rel=1e-4)
+
+
+def test_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+    config = tiny_config(steps=8, checkpoint_every=4)
+    train_vqvae(dataset, tmp_path / "straight", config, device="cpu", progress=False)
+    # stopped after 5 updates (between checkpoints, like a kill would be), then resumed to the end
+    train_vqvae(dataset, tmp_path / "resumed", config, device="cpu", progress=False, stop_after=5)
+    assert torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=False)["train_state"]["step"] == 5
+    train_vqvae(dataset, tmp_path / "resumed", config, device="cpu", progress=False, resume=True)
+    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    log_a, log_b = read_csv(tmp_path / "straight/log.csv"), read_csv(tmp_path / "resumed/log.csv")
+    assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+
+
+def test_resume_refuses_a_different_config_and_new_runs_refuse_a_full_folder(dataset, tmp_path):
+    train_vqvae(dataset, tmp_path / "run", tiny_config(steps=2), device="cpu", progress=False)
+    with pytest.raises(InputError, match="not empty"):
+        train_vqvae(dataset, tmp_path / "run", tiny_config(steps=2), device="cpu", progress=False)
+    with pytest.raises(InputError, match="different config"):
+        train_vqvae(dataset, tmp_path / "run", tiny_config(steps=2, lr=1e-2), device="cpu", progress=False, resume=True)
+
+
+def test_bad_crop_sizes_are_input_errors(dataset, tmp_path):
+    with pytest.raises(InputError, match="smaller than the crop"):
+        train_vqvae(dataset, tmp_path / "a", tiny_config(tile=64), device="cpu", progress=False)
+    with pytest.raises(InputError, match="multiple of downsample"):
+        train_vqvae(dataset, tmp_path / "b", tiny_config(tile=18), device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    train_vqvae(dataset, run, tiny_config(steps=4, mask_encoding="onehot"), device="cpu", progress=False)
+    return run
+
+
+def test_python_api_round_trip(trained, dataset):
+    model = load_vqvae(trained, "cpu")
+    assert not model.training and model.config.mask_encoding == "onehot" and model.config.num_classes == 3
+    folder = DatasetFolder(dataset)
+    rec = folder.records("val")[0]
+    joint = join(folder.load_image(rec), folder.load_mask(rec), 3, "onehot")
+    codes = encode(model, joint)
+    assert codes.shape == (8, 8) and codes.dtype == torch.long
+    assert torch.equal(encode(model, joint[None])[0], codes)
+    out = decode(model, codes)
+    assert out.shape == joint.shape
+    assert torch.allclose(reconstruct(model, joint), out)
+    (image, mask), = split_joint(model, out[None])
+    assert image.shape == (32, 32, 1) and mask.shape == (32, 32)
+    assert 0 <= image.min() and image.max() <= 1 and set(np.unique(mask)) <= {0, 1, 2}
+
+
+def test_encode_dataset_writes_z_matrices_per_split(trained, dataset, tmp_path):
+    info = encode_dataset(trained, dataset, tmp_path / "z", device="cpu")
+    assert info["tiles"] == {"train": 6, "val": 2}
+    train = np.load(tmp_path / "z/train.npz")
+    assert train["codes"].shape == (6, 8, 8) and list(train["files"]) == [f"t{i}.png" for i in range(6)]
+    model = load_vqvae(trained, "cpu")
+    folder = DatasetFolder(dataset)
+    rec = folder.records("train")[2]
+    joint = join(folder.load_image(rec), folder.load_mask(rec), 3, "onehot")
+    assert np.array_equal(train["codes"][2], encode(model, joint).numpy())
+    assert (tmp_path / "z/figure9.png").is_file() and (tmp_path / "z/encode.json").is_file()
+
+
+def test_report_scores_the_reconstructed_masks(trained, dataset, capsys):
+    report = report_vqvae(trained, device="cpu")  # dataset read from the run's config
+    assert report["tiles"] == 2 and report["split"] == "val"
+    # recompute the pixel accuracy by hand from the API
+    model = load_vqvae(trained, "cpu")
+    folder = DatasetFolder(dataset)
+    correct = total = 0
+    for rec in folder.records("val"):
+        true_mask = folder.load_mask(rec)
+        joint = join(folder.load_image(rec), true_mask, 3, "onehot")
+        (_, mask), = split_joint(model, reconstruct(model, joint)[None])
+        correct += int((mask == true_mask).sum())
+        total += true_mask.size
+    assert report["mask_pixel_accuracy"] == pytest.approx(correct / total)
+    assert "Missing Class IoU" in capsys.readouterr().out
