@@ -102,20 +102,19 @@ def test_lq_mask_differs_in_a_small_fraction_of_pixels(samples):
 
 
 def test_lq_mask_has_spurious_blobs_and_mislabelled_objects(samples):
-    extra_blobs = mislabelled = 0
+    extra_blobs = mislabelled = objects_total = 0
     for s in samples:
-        n_hq = ndimage.label(s.mask != MATRIX)[1]
-        n_lq = ndimage.label(s.mask_lq != MATRIX)[1]
-        extra_blobs += n_lq > n_hq
-        objects, count = ndimage.label(s.mask != MATRIX)
-        for obj in range(1, count + 1):
-            pixels = objects == obj
-            hq_class = np.bincount(s.mask[pixels]).argmax()
-            lq_labels = s.mask_lq[pixels]
-            other = (lq_labels != hq_class) & (lq_labels != MATRIX)
-            mislabelled += other.mean() > 0.5
+        extra_blobs += ndimage.label(s.mask_lq != MATRIX)[1] > ndimage.label(s.mask != MATRIX)[1]
+        for k in range(1, len(CLASS_NAMES)):
+            objects, count = ndimage.label(s.mask == k)
+            objects_total += count
+            for obj in range(1, count + 1):
+                lq_labels = s.mask_lq[objects == obj]
+                # whole particles only: slivers can also be swallowed by a neighbour's moved boundary
+                if lq_labels.size >= 20:
+                    mislabelled += ((lq_labels != k) & (lq_labels != MATRIX)).mean() > 0.5
     assert extra_blobs >= N_SAMPLES // 2  # over-segmentation in most tiles
-    assert 1 <= mislabelled <= 0.25 * sum(ndimage.label(s.mask != MATRIX)[1] for s in samples)
+    assert 1 <= mislabelled <= 0.25 * objects_total, (mislabelled, objects_total)
 
 
 def test_too_small_tile_is_refused():

@@ -97,12 +97,287 @@ def prepare(images, masks, out, classes_file, num_classes, tile, stride, min_cla
     )
     summary = prepare_dataset(opts)
     _print_summary(summary, Path(out))
+
+
+@cli.command("demo-data", context_settings=CONTEXT)
+@click.option("--out", required=True, type=click.Path(), help="Folder to write; it receives out/hq and out/lq dataset folders.")
+@click.option("--n", "n", type=int, default=40, show_default=True, help="Number of micrographs.")
+@click.option("--size", type=int, default=128, show_default=True, help="Micrograph size in px (square).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives byte-identical files.")
+@click.option("--grey", is_flag=True, help="Grey micrographs instead of RGB ones like the paper's.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output folders.")
+def demo_data(out, n, size, seed, grey, overwrite):
+    """Procedural multi-phase micrographs with exact (HQ) and degraded (LQ) masks, for trying things out."""
+    from dualsynth.demo_data import write_demo_dataset
+
+    summary = write_demo_dataset(Path(out), n=n, size=size, seed=seed, overwrite=overwrite, rgb=not grey)
+    click.echo(f"wrote {n} micrographs of {size} px to {summary['hq']} (exact masks) and {summary['lq']} (degraded masks)")
+    click.echo("  split: " + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
+    click.echo("  class fractions: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary["class_fractions_hq"].items()))
+    click.echo(f"  LQ masks: {100 * summary['lq_wrong_pixel_fraction']:.1f}% of train/val pixels mislabelled")
 # --- end data ---
 
 # --- metrics ---
+def _mask_files_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files of a folder keyed by stem (a `_mask`-like suffix dropped); two files for one stem is an error."""
+    from dualsynth.data import MASK_SUFFIX_RE
+    from dualsynth.io import IMAGE_SUFFIXES
+
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = MASK_SUFFIX_RE.sub("", p.stem)
+        if stem in files:
+            raise InputError(p, f"two files for the stem '{stem}' ({files[stem].name})")
+        files[stem] = p
+    if not files:
+        raise InputError(folder, "no mask files found (.png, .tif, .jpg, .bmp)")
+    return files
+
+
+def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
+    if not overwrite:
+        for p in paths:
+            if p.exists():
+                raise InputError(p, "already exists (use --overwrite to replace it)")
+
+
+def _csv_cell(value):
+    # nan means "not defined for this image" (class absent from its truth): an empty cell says so plainly
+    return "" if isinstance(value, float) and value != value else value
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and value != value else value
+
+
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+@cli.command("evaluate-masks", context_settings=CONTEXT)
+@click.option("--pred", "pred_dir", required=True, type=click.Path(), callback=existing_dir, help="Folder of predicted masks (index or colour PNG/TIFF).")
+@click.option("--truth", "truth_dir", required=True, type=click.Path(), callback=existing_dir, help="Folder of ground-truth masks, paired with --pred by file stem (a _mask suffix is allowed).")
+@click.option("--classes", "classes_file", type=click.Path(), help="classes.yaml: class names (and colours, for colour masks).")
+@click.option("--num-classes", type=int, help="Number of classes of index masks, instead of --classes.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for per_image.csv and summary.json.")
+@click.option("--overwrite", is_flag=True, help="Replace per_image.csv and summary.json if they exist.")
+def evaluate_masks(pred_dir, truth_dir, classes_file, num_classes, out, overwrite):
+    """Score predicted masks against the truth: accuracy, mIoU and the paper's Missing Class IoU.
+
+    Missing Class IoU (paper §4.3.1) averages, per image, the IoU of only the classes present in the ground
+    truth; per class it averages over the images that contain the class.
+    """
+    from dualsynth.data import default_classes, mask_to_index, read_classes
+    from dualsynth.io import read_image, write_csv, write_json
+    from dualsynth.metrics import SegmentationScores
+
+    if (classes_file is None) == (num_classes is None):
+        raise click.UsageError("give exactly one of --classes or --num-classes")
+    if classes_file is not None:
+        classes = read_classes(classes_file)
+    else:
+        if num_classes < 2:
+            raise InputError("--num-classes", f"must be at least 2, got {num_classes}")
+        classes = default_classes(num_classes)
+    out = Path(out)
+    _refuse_overwrite([out / "per_image.csv", out / "summary.json"], overwrite)
+    preds, truths = _mask_files_by_stem(pred_dir), _mask_files_by_stem(truth_dir)
+    for stem, p in preds.items():
+        if stem not in truths:
+            raise InputError(p, f"no ground-truth mask with this stem in {truth_dir}")
+    for stem, t in truths.items():
+        if stem not in preds:
+            raise InputError(t, f"no predicted mask with this stem in {pred_dir}")
+
+    scores = SegmentationScores(len(classes), [c.name for c in classes])
+    rows = []
+    for stem in sorted(preds):
+        p = mask_to_index(read_image(preds[stem]), classes, preds[stem])
+        t = mask_to_index(read_image(truths[stem]), classes, truths[stem])
+        if p.shape != t.shape:
+            raise InputError(preds[stem], f"size {p.shape[1]}x{p.shape[0]} differs from the truth's "
+                             f"{t.shape[1]}x{t.shape[0]} ({truths[stem]})")
+        row = scores.update(p, t, name=stem)
+        row = {"file": preds[stem].name, "truth": truths[stem].name, **row}
+        rows.append({k: _csv_cell(v) for k, v in row.items()})
+    summary = scores.summary()
+    summary_json = {
+        **{k: _json_number(v) for k, v in summary.items() if not isinstance(v, dict)},
+        **{k: {c: _json_number(x) for c, x in v.items()} for k, v in summary.items() if isinstance(v, dict)},
+        "pred": str(pred_dir), "truth": str(truth_dir),
+    }
+    write_csv(out / "per_image.csv", rows)
+    write_json(out / "summary.json", summary_json)
+
+    width = max(12, *(len(c.name) for c in classes))
+    click.echo(f"{summary['num_images']} images, {summary['pixels']} pixels")
+    click.echo(f"{'class':<{width}}  {'IoU %':>7}  {'Missing Class IoU %':>19}  {'images':>6}")
+    for c in classes:
+        click.echo(f"{c.name:<{width}}  {_pct(summary['iou_per_class'][c.name]):>7}  "
+                   f"{_pct(summary['missing_class_iou_per_class'][c.name]):>19}  "
+                   f"{summary['images_with_class'][c.name]:>6}")
+    click.echo(f"pixel accuracy      {_pct(summary['pixel_accuracy']):>6} %")
+    click.echo(f"mIoU (dataset)      {_pct(summary['miou']):>6} %")
+    click.echo(f"mIoU (per image)    {_pct(summary['mean_image_miou']):>6} %")
+    click.echo(f"Missing Class IoU   {_pct(summary['missing_class_iou']):>6} %")
+    click.echo(f"wrote {out / 'per_image.csv'} and {out / 'summary.json'}")
+
+
+def _decoded_mask_to_float(array, path: Path, num_classes: int, encoding: str):
+    """A decoded-mask image file as floats in [0, 1]: `(H, W)` for levels, `(C, H, W)` for onehot."""
+    import numpy as np
+
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float64) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float64) / 65535.0
+    elif a.dtype.kind == "f":
+        a = a.astype(np.float64)
+    else:
+        raise InputError(path, f"decoded mask of type {a.dtype} is not supported (8- or 16-bit grey, or float TIFF)")
+    if encoding == "levels":
+        if a.ndim == 3 and a.shape[2] in (3, 4) and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
+            a = a[..., 0]  # grey stored as RGB
+        if a.ndim != 2:
+            raise InputError(path, f"levels mask must be a single grey channel, got shape {a.shape}")
+        return a
+    if a.ndim == 3 and a.shape[0] == num_classes and a.shape[2] != num_classes:
+        return a  # stored channels first (C, H, W)
+    if a.ndim != 3 or a.shape[2] != num_classes:
+        raise InputError(path, f"onehot mask must have {num_classes} channels, got shape {a.shape}")
+    return np.moveaxis(a, -1, 0)
+
+
+@cli.command("clean-masks", context_settings=CONTEXT)
+@click.option("--in", "in_dir", required=True, type=click.Path(), callback=existing_dir, help="Folder of decoded masks: 8/16-bit grey PNG/TIFF (levels), or C-channel TIFF (onehot).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the clean index-mask PNGs (same stems).")
+@click.option("--num-classes", required=True, type=click.IntRange(2, 256), help="Number of classes C (levels: class k at k/(C-1)).")
+@click.option("--encoding", type=click.Choice(["levels", "onehot"]), default="levels", show_default=True, help="How the mask was encoded in the joint image.")
+@click.option("--min-object-area", type=click.IntRange(min=0), help="Fill objects smaller than this (px); default: 200 px² per 256x256 tile, scaled with tile area.")
+@click.option("--connectivity", type=click.IntRange(1, 2), default=1, show_default=True, help="Object pixels connect through 4 (1) or 8 (2) neighbours.")
+@click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
+@click.option("--overwrite", is_flag=True, help="Replace masks that already exist in --out.")
+def clean_masks(in_dir, out, num_classes, encoding, min_object_area, connectivity, seed, overwrite):
+    """Turn decoded masks into clean index masks: k-means to class levels, then fill small objects (Fig. 11)."""
+    import numpy as np
+
+    from dualsynth.io import IMAGE_SUFFIXES, read_image, save_png
+    from dualsynth.postprocess import changed_fraction, clean_mask, nearest_level_classes
+
+    files = [p for p in sorted(in_dir.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise InputError(in_dir, "no mask files found (.png, .tif, .jpg, .bmp)")
+    out = Path(out)
+    targets: dict[str, Path] = {}
+    for p in files:
+        if p.stem in targets:
+            raise InputError(p, f"two files for the stem '{p.stem}' ({targets[p.stem].name})")
+        targets[p.stem] = p
+    _refuse_overwrite([out / f"{stem}.png" for stem in targets], overwrite)
+
+    # clean everything before writing anything, so a bad file leaves no half-written folder
+    cleaned, changed = [], []
+    for p in files:
+        array = read_image(p)
+        if encoding == "levels" and array.dtype.kind in "iu" and 0 < array.max() < num_classes:
+            click.echo(f"warning: {p}: values 0..{int(array.max())} look like class indices; clean-masks expects "
+                       f"decoded grey levels (class k at k/(C-1) of the full 8/16-bit range)", err=True)
+        decoded = _decoded_mask_to_float(array, p, num_classes, encoding)
+        clean = clean_mask(decoded, num_classes, encoding=encoding, min_object_area=min_object_area,
+                           seed=seed, connectivity=connectivity)
+        raw = nearest_level_classes(decoded, num_classes) if encoding == "levels" else np.argmax(decoded, axis=0)
+        cleaned.append((out / f"{p.stem}.png", clean))
+        changed.append(changed_fraction(raw, clean))
+    for path, clean in cleaned:
+        save_png(path, clean.astype(np.uint8))
+    counts = np.bincount(np.concatenate([c.ravel() for _, c in cleaned]), minlength=num_classes)
+    click.echo(f"cleaned {len(cleaned)} masks into {out}")
+    click.echo(f"  pixels changed by the clean-up: mean {100 * np.mean(changed):.2f} %, max {100 * np.max(changed):.2f} %")
+    click.echo("  class fractions: " + ", ".join(f"{k}: {100 * v / counts.sum():.1f}%" for k, v in enumerate(counts)))
 # --- end metrics ---
 
 # --- vqvae ---
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@cli.command("train-vqvae", context_settings=CONTEXT)
+@click.option("--data", type=click.Path(), help="Dataset folder (from prepare or demo-data); trains on its train split. With --resume: default the run's own.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to create (or to continue with --resume).")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: ~5 min on a 2-core CPU; paper: the paper's Table 4. Default: the config file's preset, else quick.")
+@click.option("--config", "config_file", type=click.Path(), help="YAML config (any keys of the preset; see configs/vqvae-*.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. --set model.num_embeddings=16 --set tile=128 (repeatable).")
+@click.option("--steps", type=int, help="Training updates (same as --set steps=N).")
+@click.option("--seed", type=int, help="Seed of every random choice (same as --set seed=S).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt; with no config options, uses the run's saved config.")
+@click.option("--threads", type=int, help="CPU threads for torch (1 is often fastest for small models on a busy machine).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@device_option
+def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resume, threads, no_progress, device):
+    """Train the VQ-VAE on joint micrograph+mask images (writes config, checkpoints, log, figures, report)."""
+    from dualsynth.config import deep_merge, load_config, parse_overrides
+    from dualsynth.io import read_yaml
+    from dualsynth.training.vqvae import PRESETS, VQVAETrainConfig, format_report, saved_run_config, train_vqvae
+
+    _set_threads(threads)
+    extra = parse_overrides(list(overrides))
+    if steps is not None:
+        extra = deep_merge(extra, {"steps": steps})
+    if seed is not None:
+        extra = deep_merge(extra, {"seed": seed})
+    if resume and not (preset or config_file or extra):
+        config, saved_data = saved_run_config(out)
+        data = data or saved_data
+    else:
+        file_preset = None
+        if config_file is not None:
+            loaded = read_yaml(config_file)
+            file_preset = loaded.get("preset") if isinstance(loaded, dict) else None
+        config = load_config(VQVAETrainConfig, PRESETS, preset or (None if file_preset else "quick"), config_file, extra)
+    if data is None:
+        raise InputError("--data", "give the dataset folder to train on")
+    summary = train_vqvae(data, out, config, resume=resume, device=device, progress=not no_progress)
+    click.echo(f"trained {summary['step']} steps; best reconstruction error {summary['best_error']:.5f} at step {summary['best_step']}")
+    if "report" in summary:
+        click.echo(format_report(summary["report"]))
+    click.echo(f"run folder: {out}")
+
+
+@cli.command("encode", context_settings=CONTEXT)
+@click.option("--vqvae", "run_dir", required=True, type=click.Path(), help="VQ-VAE run folder (from train-vqvae).")
+@click.option("--data", required=True, type=click.Path(), help="Dataset folder whose tiles to encode.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for <split>.npz (codes, files), figure9.png and encode.json.")
+@click.option("--threads", type=int, help="CPU threads for torch.")
+@device_option
+def encode_cmd(run_dir, data, out, threads, device):
+    """Encode every tile to its z-matrix of codebook indices (and draw the paper's Figure 9)."""
+    from dualsynth.training.vqvae import encode_dataset
+
+    _set_threads(threads)
+    info = encode_dataset(run_dir, data, out, device=device)
+    shapes = ", ".join(f"{k}: {n} x {'x'.join(map(str, info['z_shape'][k]))}" for k, n in info["tiles"].items())
+    click.echo(f"wrote z-matrices ({shapes}) and figure9.png to {out}")
+
+
+@cli.command("report-vqvae", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", type=click.Path(), help="Dataset folder (default: the one the run trained on).")
+@click.option("--split", "split_name", default="val", show_default=True, help="Which split's tiles to reconstruct (train if it has none).")
+@click.option("--threads", type=int, help="CPU threads for torch.")
+@device_option
+def report_vqvae_cmd(run_dir, data, split_name, threads, device):
+    """Score a VQ-VAE's reconstructions: image MSE, mask pixel accuracy, mIoU, Missing Class IoU -> RUN/report.json."""
+    from dualsynth.training.vqvae import report_vqvae
+
+    _set_threads(threads)
+    report_vqvae(run_dir, data, device=device, split_name=split_name, print_table=True)
 # --- end vqvae ---
 
 # --- prior ---

@@ -37,7 +37,7 @@ _P_ABSENT = 0.08
 # Per-tile spread of a minor phase's fraction (sigma of a mean-one log-normal factor).
 _FRACTION_SPREAD = 0.3
 # Mean grey level of each phase: close together (the paper's "low contrast with each other").
-_GREY = np.array([0.30, 0.64, 0.70, 0.44], dtype=np.float32)
+_GREY = np.array([0.52, 0.64, 0.70, 0.44], dtype=np.float32)
 # Per-phase RGB tint (multiplies the grey level) for rgb=True; near-neutral, like a bright-field micrograph.
 _TINT = np.array(
     [[1.00, 0.96, 0.88], [0.94, 0.97, 1.04], [1.02, 1.00, 0.94], [0.97, 0.93, 0.98]], dtype=np.float32
