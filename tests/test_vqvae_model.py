@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dualsynth import data
 from dualsynth.models.vqvae import (
     VQVAE,
     VQVAEConfig,
@@ -13,6 +14,14 @@ from dualsynth.models.vqvae import (
     kmeans,
     reconstruction_losses,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(**kw) -> VQVAEConfig:
@@ -201,7 +210,6 @@ def test_reconstruction_losses_split_image_and_mask_channels():
 
 @pytest.mark.parametrize("encoding", ["levels", "onehot"])
 def test_joint_images_round_trip_through_data_join_split(encoding):
-    data = pytest.importorskip("dualsynth.data")
     rng = np.random.default_rng(0)
     num_classes = 4
     image = rng.random((16, 16, 1), dtype=np.float32)

@@ -311,7 +311,7 @@ def _set_threads(threads: int | None) -> None:
 @cli.command("train-vqvae", context_settings=CONTEXT)
 @click.option("--data", type=click.Path(), help="Dataset folder (from prepare or demo-data); trains on its train split. With --resume: default the run's own.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder to create (or to continue with --resume).")
-@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: ~5 min on a 2-core CPU; paper: the paper's Table 4. Default: the config file's preset, else quick.")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: ~3 min on a busy 2-core CPU with --threads 1; paper: the paper's Table 4. Default: the config file's preset, else quick.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config (any keys of the preset; see configs/vqvae-*.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. --set model.num_embeddings=16 --set tile=128 (repeatable).")
 @click.option("--steps", type=int, help="Training updates (same as --set steps=N).")
@@ -384,6 +384,135 @@ def report_vqvae_cmd(run_dir, data, split_name, threads, device):
 # --- end prior ---
 
 # --- segmentation ---
+def _seg_overrides(sets, **options) -> dict:
+    """--set pairs plus the dedicated options that were given (None = not given)."""
+    from dualsynth.config import deep_merge, parse_overrides
+
+    overrides = parse_overrides(list(sets))
+    return deep_merge(overrides, {k: v for k, v in options.items() if v is not None})
+
+
+def _seg_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+THREADS_HELP = "CPU threads for torch (1 is often fastest for small models on a busy machine)."
+
+
+def _echo_epoch(row: dict) -> None:
+    click.echo(f"epoch {int(row['epoch']):>3}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+               f"acc {100 * row['val_accuracy']:.1f}%  mIoU {100 * row['val_miou']:.1f}%  "
+               f"MCIoU {100 * row['val_missing_class_iou']:.1f}%  lr {row['lr']:.2g}  ({row['seconds']:.0f} s)", err=True)
+
+
+@cli.command("train-seg", context_settings=CONTEXT)
+@click.option("--train", "train_dir", type=click.Path(), help="Real dataset folder; its train split is trained on.")
+@click.option("--val", "val_dir", type=click.Path(), help="Dataset folder whose val split validates (default: --train).")
+@click.option("--synthetic", "synthetic_dir", type=click.Path(), help="Synthetic dataset folder (from 'dualsynth sample').")
+@click.option("--synthetic-percent", type=float, help="Add round(P/100 x real training tiles) synthetic tiles, drawn by --seed.")
+@click.option("--synthetic-only", type=int, help="Train on N synthetic tiles only (validation stays real: --val).")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: minutes on a CPU; paper: Table 3 (EfficientNet-B3, 200 epochs). Default quick.")
+@click.option("--config", "config_file", type=click.Path(), help="YAML config on top of the preset.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set model.encoder=resnet34.")
+@click.option("--encoder-weights", help="none, imagenet (downloads once, as in the paper) or a local encoder state-dict file.")
+@click.option("--augment", type=click.Choice(["none", "paper"]), help="paper: the Albumentations baseline of §5.3 on training tiles.")
+@click.option("--epochs", type=int, help="Maximum number of epochs.")
+@click.option("--seed", type=int, help="Seed of the model init, the synthetic draw, data order and augmentation.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch (same config).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (shown only on a terminal).")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@device_option
+def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_only, out, preset, config_file, sets,
+              encoder_weights, augment, epochs, seed, resume, progress, threads, device):
+    """Train a U-Net (segmentation-models-pytorch) on real tiles, optionally with synthetic pairs added.
+
+    Best checkpoint on the validation score named by `monitor` (default Missing Class IoU), early stopping,
+    log.csv, learning_curve.png, and manifest.json listing every tile used.
+    """
+    from dualsynth.config import deep_merge, load_config, validate_config
+    from dualsynth.segmentation import PRESETS, SegTrainConfig, saved_run_config, train_segmentation
+
+    _seg_threads(threads)
+    overrides = _seg_overrides(sets, encoder_weights=encoder_weights, augment=augment, epochs=epochs, seed=seed)
+    if resume and (Path(out) / "config.yaml").is_file() and preset is None and config_file is None:
+        saved, data = saved_run_config(out)
+        config = validate_config(SegTrainConfig, deep_merge(saved.model_dump(mode="json"), overrides), "--set")
+        train_dir = train_dir or data["train"]
+        val_dir = val_dir or data["val"]
+        synthetic_dir = synthetic_dir or data["synthetic"]
+        synthetic_percent = synthetic_percent if synthetic_percent is not None else data["synthetic_percent"]
+        synthetic_only = synthetic_only if synthetic_only is not None else data["synthetic_only"]
+    else:
+        config = load_config(SegTrainConfig, PRESETS, preset or (None if config_file else "quick"), config_file, overrides)
+    summary = train_segmentation(
+        train_dir, out, config, val=val_dir, synthetic=synthetic_dir, synthetic_percent=synthetic_percent,
+        synthetic_only=synthetic_only, resume=resume, device=device, progress=progress, on_epoch=_echo_epoch,
+    )
+    how = "stopped early" if summary["stopped_early"] else "finished" if summary["finished"] else "paused"
+    best = summary["best"]
+    click.echo(f"{how} after {summary['epochs_done']} epochs; best validation {summary['monitor']} "
+               f"{'-' if best != best else f'{100 * best:.1f} %'} at epoch {summary['best_epoch']}")
+    click.echo(f"run folder: {out} (checkpoints/best.pt, log.csv, learning_curve.png, manifest.json)")
+
+
+@cli.command("evaluate", context_settings=CONTEXT)
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="train-seg run folder.")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Dataset folder to evaluate on.")
+@click.option("--split", default="test", show_default=True, help="Split of --data ('all' for every tile).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for per_image.csv, per_class.csv, summary.json, overlays.")
+@click.option("--overlays", type=click.IntRange(min=0), default=4, show_default=True, help="Tiles drawn as image / true mask / prediction.")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@device_option
+def evaluate_cmd(model_dir, data_dir, split, out, overlays, threads, device):
+    """Score a trained U-Net: pixel accuracy, mIoU, Missing Class IoU, per class and per image (Figs. 18, 21)."""
+    from dualsynth.segmentation import evaluate_run, format_evaluation
+
+    _seg_threads(threads)
+    result = evaluate_run(model_dir, data_dir, out, None if split == "all" else split, overlays, device)
+    click.echo(format_evaluation(result))
+    click.echo(f"wrote per_image.csv, per_class.csv, summary.json{' and overlays' if overlays else ''} to {out}")
+
+
+@cli.command("pretest", context_settings=CONTEXT)
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="train-seg run folder of a model trained on real data.")
+@click.option("--synthetic", "synthetic_dir", required=True, type=click.Path(), help="Synthetic dataset folder.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the scores and pretest.png.")
+@click.option("--overlays", type=click.IntRange(min=0), default=4, show_default=True, help="Tiles drawn as synthetic image / synthetic mask / prediction.")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@device_option
+def pretest_cmd(model_dir, synthetic_dir, out, overlays, threads, device):
+    """The paper's quality pre-test: segment synthetic micrographs with a real-data model, score the synthetic
+    masks against its predictions (low scores: the synthetic pairs do not agree; retrain the generator)."""
+    from dualsynth.segmentation import format_evaluation, pretest
+
+    _seg_threads(threads)
+    result = pretest(model_dir, synthetic_dir, out, overlays, device)
+    click.echo(format_evaluation(result))
+    click.echo(f"wrote per_image.csv, per_class.csv, summary.json{' and pretest.png' if overlays else ''} to {out}")
+
+
+@cli.command("study", context_settings=CONTEXT)
+@click.option("--config", "config_file", required=True, type=click.Path(), help="Study YAML (bases, synthetic sets, percentages, seeds, test set, seg preset).")
+@click.option("--out", required=True, type=click.Path(), help="Study folder (runs/, results.csv, figures, report.md).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Trainings side by side on this machine (local backend).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local processes, or one Ray task per run.")
+@click.option("--address", help="Ray cluster address (default: start a local Ray).")
+@click.option("--device", default=None, help="Override the config's device: auto, cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch threads per training (default: cores // workers).")
+def study_cmd(config_file, out, workers, backend, address, device, threads):
+    """The paper's experiment: U-Nets trained with 0..300 % synthetic data added (and synthetic only), scored
+    on real test tiles; finished runs are skipped when a study is started again."""
+    from dualsynth.study import load_study_config, run_study
+
+    config = load_study_config(config_file, {"device": device} if device else None)
+    summary = run_study(config, out, workers=workers, backend=backend, address=address, threads=threads,
+                        log=lambda line: click.echo(line, err=True))
+    click.echo(f"{summary['runs']} runs ({summary['skipped']} already finished, {summary['trained']} trained now)")
+    click.echo(f"report: {summary['report']}")
 # --- end segmentation ---
 
 # --- demo ---
@@ -406,17 +535,14 @@ def main(argv: list[str] | None = None) -> None:
         cmd = exc.ctx.command_path if exc.ctx is not None else "dualsynth"
         click.echo(f"error: {cmd}: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted (checkpoints written so far are intact; continue with --resume)", err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted (checkpoints written so far are intact; use --resume)", err=True)
-        sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -23,6 +23,7 @@ Public surface: `PixelCNNConfig`, `GatedPixelCNNConfig`, `PriorConfig`, `PixelCN
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
@@ -82,8 +83,30 @@ PriorConfig = Annotated[Union[PixelCNNConfig, GatedPixelCNNConfig], Field(discri
 _PRIOR_CONFIG = TypeAdapter(PriorConfig)
 
 
+@dataclass
+class SamplingState:
+    """What a prior keeps while the fast sampler fills a grid.
+
+    `x` (n, K, H, W) is the one-hot grid of codes drawn so far (the sampler writes each new code into it);
+    `cond` the conditioning (n, F) or None; `cache` holds the prior's own per-layer activations.
+    """
+
+    x: torch.Tensor
+    cond: torch.Tensor | None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+def _window(buf: torch.Tensor, i: int, j: int, up: int, left: int, right: int) -> torch.Tensor:
+    """`buf[:, :, i-up : i+1, j-left : j+right+1]`, zero-filled where it leaves the grid (= zero padding)."""
+    h, w = buf.shape[-2:]
+    r0, c0, c1 = i - up, j - left, j + right + 1
+    win = buf[:, :, max(0, r0) : i + 1, max(0, c0) : min(w, c1)]
+    pad = (max(0, -c0), max(0, c1 - w), max(0, -r0), 0)
+    return F.pad(win, pad) if any(pad) else win
+
+
 class _Prior(nn.Module):
-    """What both priors share: input checks, one-hot input, checkpoints, and the crop-based `logits_at`."""
+    """What both priors share: input checks, one-hot input, checkpoints, and the sampler interface."""
 
     config: Any
 
@@ -102,44 +125,51 @@ class _Prior(nn.Module):
         codes = codes.long()
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
             raise ValueError(f"code indices must lie in 0..{k - 1}")
-        dtype = next(self.parameters()).dtype
-        return F.one_hot(codes, k).permute(0, 3, 1, 2).to(dtype)
+        return F.one_hot(codes, k).permute(0, 3, 1, 2).to(self._dtype())
 
     def check_cond(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """`cond` validated against the config's `cond_dim` (a clear error for a missing or extra vector)."""
         f = self.config.cond_dim
         if f == 0:
             if cond is not None:
                 raise ValueError("this prior was built without conditioning (cond_dim=0); pass cond=None")
             return None
-        if cond is None or cond.shape != (batch, f):
+        if cond is None or tuple(cond.shape) != (batch, f):
             got = None if cond is None else tuple(cond.shape)
             raise ValueError(f"this prior needs a conditioning vector of shape ({batch}, {f}), got {got}")
-        return cond.to(next(self.parameters()).dtype)
+        return cond.to(self._dtype())
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
     def forward_onehot(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """One-hot (or any real-valued) input (B, K, H, W) -> logits (B, K, H, W)."""
         raise NotImplementedError
 
     def receptive_reach(self) -> Reach:
+        """Rows up and columns left/right that the logits at one position can depend on."""
         raise NotImplementedError
 
-    # -- what the fast sampler calls -------------------------------------------------------------------------
-    def begin_row(self, x: torch.Tensor, cond: torch.Tensor | None, i: int) -> Any:
-        """Work shared by every position of row `i` once rows above it are final; passed to `logits_at`."""
-        return None
+    # -- the fast sampler's interface ------------------------------------------------------------------------
+    def start_sampling(self, x: torch.Tensor, cond: torch.Tensor | None) -> SamplingState:
+        """State for filling the one-hot grid `x` (n, K, H, W) in raster order; see `logits_at`."""
+        return SamplingState(x, cond)
 
-    def logits_at(self, x: torch.Tensor, cond: torch.Tensor | None, i: int, j: int, row: Any = None) -> torch.Tensor:
-        """Logits (B, K) at position (i, j) of the one-hot grid `x`, from the receptive field's crop only.
+    def begin_row(self, state: SamplingState, i: int) -> None:
+        """Called once before the first position of row `i`, when every row above it is final."""
 
-        Rows below `i` are never read, and neither is anything right of `j` in row `i`; the crop's top and
-        side borders lie at least one receptive-field reach away, so their zero padding cannot reach (i, j).
+    def logits_at(self, state: SamplingState, i: int, j: int) -> torch.Tensor:
+        """Logits (n, K) at (i, j), given that every earlier position of `state.x` holds its code.
+
+        Called for every position in raster order. This default runs the network on the crop of the grid
+        that covers the position's receptive field: the crop's zero padding only corrupts activations that
+        (i, j) never reads, so the value equals the full network's. The priors below override it with
+        per-layer caches that compute each activation once.
         """
         reach = self.receptive_reach()
-        top = max(0, i - reach.up)
-        left = max(0, j - reach.left)
-        right = min(x.shape[-1], j + reach.right + 1)
-        crop = x[:, :, top : i + 1, left:right]
-        return self.forward_onehot(crop, cond)[:, :, i - top, j - left]
+        top, left = max(0, i - reach.up), max(0, j - reach.left)
+        crop = state.x[:, :, top : i + 1, left : j + reach.right + 1]
+        return self.forward_onehot(crop, state.cond)[:, :, i - top, j - left]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -159,10 +189,10 @@ class _Prior(nn.Module):
 
 
 class MaskedConv2d(nn.Conv2d):
-    """Convolution whose kernel sees only positions before the centre in raster order.
+    """Convolution whose kernel sees only positions before the centre in raster order ("same" zero padding).
 
     Mask `A` also hides the centre (first layer: the output must not see its own input); mask `B` keeps it
-    (later layers: the centre then holds features of earlier positions only). "same" zero padding.
+    (later layers: the centre then holds features of earlier positions only).
     """
 
     def __init__(self, mask_type: Literal["A", "B"], in_channels: int, out_channels: int, kernel_size: int):
@@ -176,8 +206,20 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", mask[None, None], persistent=False)
         self.mask_type = mask_type
 
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+    def at(self, window: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The output at one position from its window (n, C, k//2 + 1, k): the rows down to the centre's.
+
+        Rows below the centre are all masked, so they are left out of the window. `weight` may be a
+        precomputed `masked_weight()` (the sampler computes it once, not at every position).
+        """
+        weight = self.masked_weight() if weight is None else weight
+        return F.conv2d(window, weight[:, :, : self.kernel_size[0] // 2 + 1], self.bias)
 
 
 class _PixelResidualBlock(nn.Module):
@@ -190,18 +232,22 @@ class _PixelResidualBlock(nn.Module):
         self.expand = nn.Conv2d(channels // 2, channels, 1)
         self.cond = nn.Linear(cond_dim, channels // 2) if cond_dim else None
 
+    def cond_bias(self, cond: torch.Tensor | None) -> torch.Tensor | float:
+        return 0.0 if self.cond is None else self.cond(cond)[:, :, None, None]
+
+    def finish(self, x: torch.Tensor, masked: torch.Tensor, bias) -> torch.Tensor:
+        """The block's output from its input and its masked convolution's output."""
+        return x + F.relu(self.expand(F.relu(masked + bias)))
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        h = self.masked(F.relu(self.reduce(x)))
-        if self.cond is not None:
-            h = h + self.cond(cond)[:, :, None, None]
-        return x + F.relu(self.expand(F.relu(h)))
+        return self.finish(x, self.masked(F.relu(self.reduce(x))), self.cond_bias(cond))
 
 
 class PixelCNN(_Prior):
     """The paper's PixelCNN prior (keras.io VQ-VAE example), with optional vector conditioning.
 
     With `cond_dim=0` this is the example's network exactly; otherwise the conditioning vector is projected
-    and added before the first layer's and each residual block's activation.
+    and added before the first layer's and each residual block's masked-convolution activation.
     """
 
     def __init__(self, config: PixelCNNConfig):
@@ -216,21 +262,45 @@ class PixelCNN(_Prior):
         self.output_layers = nn.ModuleList(MaskedConv2d("B", c.hidden, c.hidden, 1) for _ in range(c.num_output_layers))
         self.head = nn.Conv2d(c.hidden, c.num_codes, 1)
 
-    def forward_onehot(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        h = self.first(x)
-        if self.first_cond is not None:
-            h = h + self.first_cond(cond)[:, :, None, None]
-        h = F.relu(h)
-        for block in self.blocks:
-            h = block(h, cond)
+    def _first_bias(self, cond: torch.Tensor | None) -> torch.Tensor | float:
+        return 0.0 if self.first_cond is None else self.first_cond(cond)[:, :, None, None]
+
+    def _tail(self, h: torch.Tensor) -> torch.Tensor:
         for layer in self.output_layers:
             h = F.relu(layer(h))
         return self.head(h)
+
+    def forward_onehot(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        h = F.relu(self.first(x) + self._first_bias(cond))
+        for block in self.blocks:
+            h = block(h, cond)
+        return self._tail(h)
 
     def receptive_reach(self) -> Reach:
         c = self.config
         r = c.first_kernel // 2 + c.num_residual_blocks * (c.kernel // 2)
         return Reach(r, r, r)
+
+    def start_sampling(self, x: torch.Tensor, cond: torch.Tensor | None) -> SamplingState:
+        n, _, h, w = x.shape
+        state = SamplingState(x, cond)
+        state.cache.update(
+            first=(self.first.masked_weight(), self._first_bias(cond)),
+            blocks=[(blk.masked.masked_weight(), blk.cond_bias(cond)) for blk in self.blocks],
+            # each block's masked-convolution input over the grid, filled one position at a time
+            inputs=[x.new_zeros(n, self.config.hidden, h, w) for _ in self.blocks],
+        )
+        return state
+
+    def logits_at(self, state: SamplingState, i: int, j: int) -> torch.Tensor:
+        """Every layer's activation at (i, j) only, from cached activations of earlier positions."""
+        k0, k = self.config.first_kernel // 2, self.config.kernel // 2
+        weight, bias = state.cache["first"]
+        h = F.relu(self.first.at(_window(state.x, i, j, k0, k0, k0), weight) + bias)
+        for block, (weight, bias), grid in zip(self.blocks, state.cache["blocks"], state.cache["inputs"]):
+            grid[:, :, i, j] = F.relu(block.reduce(h))[:, :, 0, 0]
+            h = block.finish(h, block.masked.at(_window(grid, i, j, k, k, k), weight), bias)
+        return self._tail(h)[:, :, 0, 0]
 
 
 # --- Gated PixelCNN -----------------------------------------------------------------------------------------
@@ -244,27 +314,28 @@ def _gate(x: torch.Tensor) -> torch.Tensor:
 class GatedLayer(nn.Module):
     """One gated layer: vertical stack (rows above), horizontal stack (row so far), vertical -> horizontal.
 
-    Causality comes from the kernel shapes and one-sided padding rather than masks. The first layer's
-    vertical kernel covers the `first_kernel // 2` rows *above* (not the current row) and its horizontal
-    kernel the columns strictly left; later layers also cover the current row/column, which by then holds
-    only earlier positions' features. So the vertical features at row i depend on rows < i alone and can feed
-    the horizontal stack at row i without a shift: the receptive field is the full rectangle above plus the
-    row to the left, with no blind spot.
+    Causality comes from kernel shapes and one-sided padding rather than masks. The first layer's vertical
+    kernel covers the `kernel // 2` rows *above* (not the current row) and its horizontal kernel the columns
+    strictly left; later layers also cover the current row/column, which by then holds only earlier
+    positions' features. So the vertical features at row i depend on rows < i alone and feed the horizontal
+    stack at row i without a shift: the receptive field is the whole rectangle above plus the row to the
+    left, with no blind spot.
     """
 
     def __init__(self, in_channels: int, hidden: int, kernel: int, first: bool, skip: int, cond_dim: int):
         super().__init__()
         self.first = first
         self.k2 = kernel // 2
-        depth = self.k2 if first else self.k2 + 1
-        self.vertical = nn.Conv2d(in_channels, 2 * hidden, (depth, kernel))
-        self.horizontal = nn.Conv2d(in_channels, 2 * hidden, (1, depth))
+        # rows (vertical) or columns (horizontal) that one output reads: the current one too, unless first
+        self.depth = self.k2 if first else self.k2 + 1
+        self.vertical = nn.Conv2d(in_channels, 2 * hidden, (self.depth, kernel))
+        self.horizontal = nn.Conv2d(in_channels, 2 * hidden, (1, self.depth))
         self.vertical_to_horizontal = nn.Conv2d(2 * hidden, 2 * hidden, 1)
         self.horizontal_out = nn.Conv2d(hidden, hidden, 1)
         self.skip = nn.Conv2d(hidden, skip, 1)
         self.cond = nn.Linear(cond_dim, 4 * hidden) if cond_dim else None
 
-    def cond_bias(self, cond: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    def cond_bias(self, cond: torch.Tensor | None) -> tuple[Any, Any]:
         """(vertical, horizontal) gate biases from the conditioning vector, shaped to broadcast."""
         if self.cond is None:
             return 0.0, 0.0
@@ -272,20 +343,34 @@ class GatedLayer(nn.Module):
         return v, h
 
     def vertical_step(self, v: torch.Tensor, v_bias) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vertical stack input (B, C, H, W) -> (next layer's vertical input, contribution to horizontal)."""
+        """Vertical input (B, C, H, W) -> (next vertical input, contribution to the horizontal stack)."""
         rows = v.shape[-2]
-        # pad k2 rows on top only, then keep the first H output rows: row i sees rows i-k2 .. i (i-1 if first)
+        # pad k2 rows on top, keep the first H output rows: output row i reads rows i-k2 .. i (.. i-1 if first)
         pre = self.vertical(F.pad(v, (self.k2, self.k2, self.k2, 0)))[:, :, :rows]
         return _gate(pre + v_bias), self.vertical_to_horizontal(pre)
 
     def horizontal_step(self, h: torch.Tensor, v_to_h: torch.Tensor, h_bias) -> tuple[torch.Tensor, torch.Tensor]:
-        """Horizontal stack input and the vertical contribution -> (next horizontal input, skip output)."""
+        """Horizontal input and the vertical contribution -> (next horizontal input, skip output)."""
         cols = h.shape[-1]
         pre = self.horizontal(F.pad(h, (self.k2, 0, 0, 0)))[..., :cols]
+        return self._horizontal_out(pre, h, v_to_h, h_bias)
+
+    def _horizontal_out(self, pre, h, v_to_h, h_bias):
         gated = _gate(pre + v_to_h + h_bias)
         out = self.horizontal_out(gated)
         # the first layer's input is the current position's own code: adding it back would leak it
         return (out if self.first else h + out), self.skip(gated)
+
+    # one row / one position at a time, for the fast sampler
+    def vertical_row(self, above: torch.Tensor, v_bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """`vertical_step` for the newest row only, from the `depth` input rows it reads (B, C, depth, W)."""
+        pre = self.vertical(F.pad(above, (self.k2, self.k2, 0, 0)))
+        return _gate(pre + v_bias), self.vertical_to_horizontal(pre)
+
+    def horizontal_at(self, left: torch.Tensor, h: torch.Tensor | None, v_to_h: torch.Tensor, h_bias):
+        """`horizontal_step` at the newest position only, from the `depth` input columns it reads
+        (B, C, 1, depth); `h` is the input at that position (the residual), unused by the first layer."""
+        return self._horizontal_out(self.horizontal(left), h, v_to_h, h_bias)
 
 
 class GatedPixelCNN(_Prior):
@@ -321,33 +406,45 @@ class GatedPixelCNN(_Prior):
         r = c.first_kernel // 2 + (c.num_layers - 1) * (c.kernel // 2)
         return Reach(r, r, r)
 
-    def begin_row(self, x: torch.Tensor, cond: torch.Tensor | None, i: int) -> list[tuple[torch.Tensor, Any]]:
-        """Run the vertical stack for row `i` (it reads rows < i only) on the rows within reach above it.
+    def start_sampling(self, x: torch.Tensor, cond: torch.Tensor | None) -> SamplingState:
+        n, _, _, w = x.shape
+        hidden = self.config.hidden
+        state = SamplingState(x, cond)
+        state.cache.update(
+            bias=[layer.cond_bias(cond) for layer in self.layers],
+            # per layer: its vertical output on the last rows the next layer reads (grows to `depth` rows)
+            vertical=[x.new_zeros(n, hidden, 0, w) for _ in self.layers],
+            # per layer: its vertical -> horizontal contribution on the current row
+            to_horizontal=[None] * len(self.layers),
+            # per layer: its horizontal output on the current row, filled left to right
+            horizontal=[x.new_zeros(n, hidden, 1, w) for _ in self.layers],
+        )
+        return state
 
-        Returns, per layer, the vertical -> horizontal contribution at row i (B, 2*hidden, W) and the
-        horizontal gate bias; `logits_at` then runs only the horizontal stack along the row.
-        """
-        top = max(0, i - self.receptive_reach().up)
-        v = x[:, :, top : i + 1]
-        row = []
-        for layer in self.layers:
-            v_bias, h_bias = layer.cond_bias(cond)
-            v, v_to_h = layer.vertical_step(v, v_bias)
-            row.append((v_to_h[:, :, -1:], h_bias))
-        return row
+    def begin_row(self, state: SamplingState, i: int) -> None:
+        """Vertical stack for row i (it reads rows < i only), one new row per layer."""
+        cache, w = state.cache, state.x.shape[-1]
+        above = _window(state.x, i - 1, 0, self.layers[0].depth - 1, 0, w - 1)
+        for n, layer in enumerate(self.layers):
+            v, cache["to_horizontal"][n] = layer.vertical_row(above, cache["bias"][n][0])
+            if n + 1 < len(self.layers):
+                depth = self.layers[n + 1].depth
+                cache["vertical"][n] = rows = torch.cat([cache["vertical"][n], v], dim=2)[:, :, -depth:]
+                above = F.pad(rows, (0, 0, depth - rows.shape[2], 0))
 
-    def logits_at(self, x: torch.Tensor, cond: torch.Tensor | None, i: int, j: int, row: Any = None) -> torch.Tensor:
-        if row is None:
-            row = self.begin_row(x, cond, i)
-        left = max(0, j - self.receptive_reach().left)
-        h = x[:, :, i : i + 1, left : j + 1]
-        skips = 0.0
-        for layer, (v_to_h, h_bias) in zip(self.layers, row):
-            h, s = layer.horizontal_step(h, v_to_h[..., left : j + 1], h_bias)
-            # only the newest column's skip reaches the head; earlier ones belong to earlier positions
-            skips = skips + s[..., -1:]
+    def logits_at(self, state: SamplingState, i: int, j: int) -> torch.Tensor:
+        """Horizontal stack at (i, j) only, one new position per layer, plus the head."""
+        cache = state.cache
+        left = _window(state.x[:, :, i : i + 1], 0, j - 1, 0, self.layers[0].depth - 1, 0)
+        h, skips = None, 0.0
+        for n, layer in enumerate(self.layers):
+            h, s = layer.horizontal_at(left, h, cache["to_horizontal"][n][..., j : j + 1], cache["bias"][n][1])
+            skips = skips + s
+            if n + 1 < len(self.layers):
+                row = cache["horizontal"][n]
+                row[:, :, :, j] = h[:, :, :, 0]
+                left = _window(row, 0, j, 0, self.layers[n + 1].depth - 1, 0)
         return self.head(skips)[:, :, 0, 0]
-
 
 # --- building and loading -----------------------------------------------------------------------------------
 
