@@ -381,6 +381,103 @@ def report_vqvae_cmd(run_dir, data, split_name, threads, device):
 # --- end vqvae ---
 
 # --- prior ---
+@cli.command("train-prior", context_settings=CONTEXT)
+@click.option("--vqvae", "vqvae_dir", type=click.Path(), help="VQ-VAE run folder (from train-vqvae). With --resume: default the run's own.")
+@click.option("--out", required=True, type=click.Path(), help="Prior run folder to create (or to continue with --resume).")
+@click.option("--arch", type=click.Choice(["pixelcnn", "gated"]), help="pixelcnn: the paper's (keras example); gated: gated PixelCNN without blind spot. Default: the config's, else gated.")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: minutes on a CPU (32x32 crops); paper: keras-example sizes on whole z-matrices. Default: the config file's preset, else quick.")
+@click.option("--config", "config_file", type=click.Path(), help="YAML config (any keys of the preset; see configs/prior-*.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. --set gated.num_layers=15 --set crop=null (repeatable).")
+@click.option("--condition", type=click.Choice(["none", "phase-fractions"]), help="phase-fractions: condition the prior on each tile's class fractions (enables sample --phase-fractions).")
+@click.option("--data", "data_dir", type=click.Path(), help="Dataset to encode (default: the one the VQ-VAE trained on).")
+@click.option("--codes", "codes_dir", type=click.Path(), help="Use the z-matrices written by 'dualsynth encode' instead of encoding.")
+@click.option("--steps", type=int, help="Training updates (same as --set steps=N).")
+@click.option("--seed", type=int, help="Seed of every random choice (same as --set seed=S).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt; with no config options, uses the run's saved config.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (1 is often fastest for small models on a busy machine).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@device_option
+def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condition, data_dir, codes_dir, steps, seed,
+                    resume, threads, no_progress, device):
+    """Train the prior (PixelCNN or gated PixelCNN) over the VQ-VAE's z-matrices; keeps the best validation NLL."""
+    from dualsynth.config import deep_merge, load_config, parse_overrides, validate_config
+    from dualsynth.io import read_yaml
+    from dualsynth.training.prior import PRESETS, PriorTrainConfig, saved_run_config, train_prior
+
+    _set_threads(threads)
+    extra = parse_overrides(list(overrides))
+    for key, value in (("arch", arch), ("condition", condition), ("steps", steps), ("seed", seed)):
+        if value is not None:
+            extra = deep_merge(extra, {key: value})
+    if resume and not (preset or config_file) and (Path(out) / "config.yaml").is_file():
+        saved, inputs = saved_run_config(out)
+        config = validate_config(PriorTrainConfig, deep_merge(saved.model_dump(mode="json"), extra), "--set")
+        vqvae_dir = vqvae_dir or inputs["vqvae"]
+        data_dir = data_dir or inputs["data"]
+        codes_dir = codes_dir or inputs["codes"]
+    else:
+        file_preset = None
+        if config_file is not None:
+            loaded = read_yaml(config_file)
+            file_preset = loaded.get("preset") if isinstance(loaded, dict) else None
+        config = load_config(PriorTrainConfig, PRESETS, preset or (None if file_preset else "quick"), config_file, extra)
+    if vqvae_dir is None:
+        raise InputError("--vqvae", "give the VQ-VAE run folder whose z-matrices the prior learns")
+    summary = train_prior(vqvae_dir, out, config, data_dir=data_dir, codes_dir=codes_dir, resume=resume,
+                          device=device, progress=not no_progress)
+    click.echo(
+        f"trained {summary['step']} steps; best {summary['validated_on']} NLL {summary['best_bits_per_code']:.4f} "
+        f"bits per code at step {summary['best_step']} (a prior that knows nothing: "
+        f"{summary['uniform_bits_per_code']:.4f}); z-matrices {'x'.join(map(str, summary['z_shape']))}"
+    )
+    click.echo(f"run folder: {out}")
+
+
+@cli.command("sample", context_settings=CONTEXT)
+@click.option("--prior", "prior_dir", required=True, type=click.Path(), help="Prior run folder (from train-prior).")
+@click.option("--n", "n", required=True, type=click.IntRange(min=1), help="Number of synthetic pairs.")
+@click.option("--out", required=True, type=click.Path(), help="Dataset folder to write (same format as prepare).")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Softmax temperature of the prior (0: most likely code).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Sample i depends on (seed, i) only.")
+@click.option("--batch", "batch_size", default=16, show_default=True, type=click.IntRange(min=1), help="z-matrices sampled at once.")
+@click.option("--phase-fractions", help="Class fractions f0,f1,... the tiles should have (needs a prior trained with --condition phase-fractions).")
+@click.option("--min-object-area", type=click.IntRange(min=0), help="Clean-up: fill objects smaller than this (px²). Default: 200 px² at 256x256, scaled with tile area.")
+@click.option("--size", "z_size", type=click.IntRange(min=1), help="Side of the sampled z-matrices (default: the training tiles'); tiles are this x the VQ-VAE's downsampling.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default 1 while sampling: per-position work is too small to split).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@device_option
+def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions, min_object_area, z_size, overwrite,
+               threads, no_progress, device):
+    """Sample synthetic micrograph + mask pairs: prior -> z-matrices -> VQ-VAE decoder -> mask clean-up."""
+    from dualsynth.postprocess import clean_mask
+    from dualsynth.sampling import sample_dataset
+
+    _set_threads(threads)
+    summary = sample_dataset(
+        prior_dir, out, n, clean=clean_mask, temperature=temperature, seed=seed, batch_size=batch_size,
+        phase_fractions=phase_fractions, min_object_area=min_object_area,
+        z_shape=None if z_size is None else (z_size, z_size), device=device, overwrite=overwrite,
+        progress=not no_progress, threads=threads or 1,
+    )
+    h, w = summary["tile_shape"]
+    click.echo(
+        f"wrote {summary['n']} synthetic pairs ({h}x{w} px) to {out}: {summary['distinct_z_matrices']} distinct "
+        f"z-matrices, {100 * summary['mean_changed_by_cleanup']:.2f}% of mask pixels changed by the clean-up, "
+        f"sampling {summary['sampling_seconds']:.1f} s; grid.png shows the first pairs"
+    )
+
+
+@cli.command("inspect", context_settings=CONTEXT)
+@click.option("--synthetic", "synthetic_dir", required=True, type=click.Path(), help="Synthetic dataset folder (from sample).")
+@click.option("--real", "real_dir", type=click.Path(), help="Real dataset to compare with (default: the prior's training data).")
+def inspect_cmd(synthetic_dir, real_dir):
+    """Quality of a synthetic set: phase fractions vs real, pixels changed by the clean-up, distinct samples."""
+    from dualsynth.sampling import format_inspect, inspect_synthetic
+
+    report = inspect_synthetic(synthetic_dir, real_dir)
+    click.echo(format_inspect(report))
+    click.echo(f"wrote {Path(synthetic_dir) / 'inspect.json'}")
 # --- end prior ---
 
 # --- segmentation ---
@@ -516,6 +613,28 @@ def study_cmd(config_file, out, workers, backend, address, device, threads):
 # --- end segmentation ---
 
 # --- demo ---
+@cli.command(context_settings=CONTEXT)
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(), help="Folder for everything the demo writes.")
+@click.option("--config", "config_file", type=click.Path(), help="YAML with demo settings (n, size, tile, vqvae_steps, prior_arch, prior_steps, synthetic, percentages, synthetic_only, seg_epochs, seed).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one demo setting, e.g. --set seg_epochs=4 (repeatable).")
+@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@device_option
+def demo(out, config_file, overrides, threads, no_progress, device):
+    """The whole pipeline on procedural data with quick settings: demo-data -> prepare -> train-vqvae ->
+    train-prior -> sample -> study -> report.md. Re-running continues where it stopped."""
+    from dualsynth.config import load_config, parse_overrides
+    from dualsynth.demo import DemoConfig, run_demo
+
+    extra = parse_overrides(list(overrides))
+    extra["device"] = device
+    if threads is not None:
+        extra["threads"] = threads
+    config = load_config(DemoConfig, {}, None, config_file, extra)
+    state = run_demo(Path(out), config, progress=not no_progress, log=click.echo)
+    click.echo(f"demo finished in {state['total_seconds'] / 60:.1f} min (stages: "
+               + ", ".join(f"{k} {v:.0f} s" for k, v in state["seconds"].items()) + ")")
+    click.echo(f"report: {state['report']}")
 # --- end demo ---
 
 

@@ -1,0 +1,711 @@
+"""The paper's experiment (§4.2.1, §5, Tables 5 and 6, Figures 15-17 and 19): does adding synthetic pairs help?
+
+A study config lists base datasets (real tiles, e.g. HQ and LQ masks), one or more synthetic sets, the
+percentages of synthetic tiles to add, synthetic-only sizes, the seeds (repeats) and the real test set. Each
+combination is one U-Net run in ``STUDY/runs/NAME`` (a `train-seg` run folder) with its evaluation on the test
+set in ``STUDY/runs/NAME/evaluation``. A run counts as finished when ``evaluation/summary.json`` exists, so a
+study stopped and started again skips finished runs and resumes the unfinished ones from their last epoch.
+
+Runs go one after another, side by side in worker processes (``workers``), or as Ray tasks (``backend="ray"``),
+which spreads a study over a cluster whose nodes see the same file system. Outputs: ``results.csv`` (one row per
+run and metric), ``summary.csv`` (mean, std over seeds), figures like the paper's 15-17 and 19, ``report.md``.
+
+Python API: `load_study_config(path)`, `plan_runs(config)`, `run_study(config, out, workers, backend)`,
+`write_study_outputs(config, out)`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from dualsynth.config import StrictModel, deep_merge, load_config, validate_config
+from dualsynth.data import DatasetFolder
+from dualsynth.errors import InputError
+from dualsynth.io import read_csv, read_yaml, save_figure, write_csv, write_text, write_yaml
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+EVALUATION = "evaluation"
+METRICS = {"pixel_accuracy": "accuracy", "miou": "mIoU", "missing_class_iou": "Missing Class IoU"}
+FIGURES = {"pixel_accuracy": "fig15_accuracy.png", "miou": "fig16_miou.png", "missing_class_iou": "fig17_missing_class_iou.png"}
+PER_CLASS_FIGURE = "fig19_missing_class_iou_per_class.png"
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+class TestSet(StrictModel):
+    """The real test tiles every run is scored on (paper: the same SHQ test set for all 46 models)."""
+
+    data: Path = Field(description="dataset folder")
+    split: str = Field("test", description="split of that folder")
+
+
+class SegSettings(StrictModel):
+    """How each U-Net is trained: a train-seg preset, optionally a config file, and key=value overrides."""
+
+    preset: str = Field("quick", description="train-seg preset (quick or paper)")
+    config: Path | None = Field(None, description="a train-seg config file (YAML)")
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides, e.g. {epochs: 5, model.encoder: resnet18}")
+
+
+class StudyConfig(StrictModel):
+    """A study: which U-Nets to train and what to test them on (paths relative to the config file)."""
+
+    bases: dict[str, Path] = Field(description="base dataset name -> dataset folder (its train and val splits)")
+    synthetic: dict[str, Path] = Field(default_factory=dict, description="synthetic set name -> dataset folder")
+    percentages: list[float] = Field(
+        default_factory=lambda: [0, 50, 75, 100, 150, 200, 250, 300],
+        description="synthetic tiles added, in % of each base's real training tiles (0: the base model)",
+    )
+    synthetic_only: list[int] = Field(default_factory=list, description="sizes of synthetic-only training sets")
+    synthetic_only_val: str | None = Field(
+        None, description="base whose val split validates synthetic-only runs (default: the first base)"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], description="one run per seed (repeats)")
+    repeats: int | None = Field(None, ge=1, description="shorthand for seeds 0..repeats-1")
+    test: TestSet
+    seg: SegSettings = Field(default_factory=SegSettings)
+    device: str = Field("auto", description="auto, cpu or cuda")
+    overlays: int = Field(2, ge=0, description="overlay figures per run evaluation")
+    ray_cpus_per_task: int = Field(1, ge=1, description="CPUs Ray reserves for each run (its torch threads)")
+    ray_gpus_per_task: float = Field(0, ge=0, description="GPUs Ray reserves for each run")
+
+    @field_validator("synthetic", mode="before")
+    @classmethod
+    def _one_synthetic_set(cls, v: Any) -> Any:
+        # a single path is the common case: call that set 'synthetic'
+        return {"synthetic": v} if isinstance(v, (str, Path)) else v
+
+    @field_validator("bases", "synthetic")
+    @classmethod
+    def _names(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for name in v:
+            if not NAME_RE.match(name):
+                raise ValueError(f"name '{name}' may use only letters, digits, '_', '.' and '-'")
+        return v
+
+    @field_validator("percentages")
+    @classmethod
+    def _percentages(cls, v: list[float]) -> list[float]:
+        if any(p < 0 for p in v):
+            raise ValueError("percentages must be >= 0")
+        return sorted(set(v))
+
+    @field_validator("synthetic_only")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("synthetic-only sizes must be >= 1")
+        return sorted(set(v))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError("seeds must be a non-empty list of distinct numbers >= 0")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _repeats_to_seeds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("repeats") is not None:
+            if "seeds" in data:
+                raise ValueError("give seeds or repeats, not both")
+            if isinstance(data["repeats"], int) and data["repeats"] >= 1:
+                data = {**data, "seeds": list(range(data["repeats"]))}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudyConfig":
+        if not self.bases:
+            raise ValueError("bases: name at least one base dataset")
+        needs_synthetic = self.synthetic_only or any(p > 0 for p in self.percentages)
+        if needs_synthetic and not self.synthetic:
+            raise ValueError("synthetic: percentages above 0 and synthetic_only need a synthetic set")
+        if self.synthetic_only_val is not None and self.synthetic_only_val not in self.bases:
+            raise ValueError(f"synthetic_only_val: '{self.synthetic_only_val}' is not one of the bases")
+        if not self.percentages and not self.synthetic_only:
+            raise ValueError("percentages and synthetic_only are both empty: nothing to run")
+        return self
+
+    @property
+    def val_base(self) -> str:
+        return self.synthetic_only_val or next(iter(self.bases))
+
+
+def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read and validate a study YAML; relative paths are taken relative to the file's folder."""
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError(path, "study config must be a mapping of key: value")
+    if overrides:
+        data = deep_merge(data, overrides)
+    config = validate_config(StudyConfig, data, source=path)
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: StudyConfig, root: str | Path) -> StudyConfig:
+    """The config with every relative dataset/config path joined to `root` (the config file's folder)."""
+    root = Path(root)
+
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else root / p
+
+    data = config.model_dump()
+    data.pop("repeats")  # already expanded into seeds
+    data["bases"] = {k: fix(v) for k, v in config.bases.items()}
+    data["synthetic"] = {k: fix(v) for k, v in config.synthetic.items()}
+    data["test"]["data"] = fix(config.test.data)
+    if config.seg.config is not None:
+        data["seg"]["config"] = fix(config.seg.config)
+    return StudyConfig.model_validate(data)
+
+
+def seg_config_dict(config: StudyConfig) -> dict[str, Any]:
+    """The resolved train-seg config of every run (seed set per run), validated now so typos fail early."""
+    from dualsynth.segmentation import PRESETS, SegTrainConfig
+
+    overrides: dict[str, Any] = {}
+    for key, value in config.seg.set.items():
+        # dotted keys (model.encoder: resnet18) and nested mappings (model: {encoder: resnet18}) both work
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        overrides = deep_merge(overrides, nested)
+    try:
+        seg = load_config(SegTrainConfig, PRESETS, config.seg.preset, config.seg.config, overrides)
+    except InputError as exc:
+        if exc.path in ("config", "--preset"):  # the problem is in the study file's seg: section
+            raise InputError("study config 'seg'", exc.problem) from None
+        raise
+    return seg.model_dump(mode="json")
+
+
+# --- the runs -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyRun:
+    """One U-Net of the study."""
+
+    name: str
+    series: str  # what the figures group by: the base (+ synthetic set), or '<synthetic>-only'
+    base: str | None
+    synthetic_set: str | None
+    percent: float | None
+    synthetic_only: int | None
+    seed: int
+    train: str | None
+    val: str
+    synthetic: str | None
+
+
+def _pct_label(p: float) -> str:
+    return f"{int(p):03d}" if float(p).is_integer() else f"{p:07.3f}".rstrip("0")
+
+
+def plan_runs(config: StudyConfig) -> list[StudyRun]:
+    """Every run of the study, seed by seed (so a partial study holds whole sweeps), with readable names:
+    ``HQ-050pct-seed0``, ``HQ-000pct-seed0`` (the base model), ``synthetic-only-24-seed0``."""
+    several = len(config.synthetic) > 1
+    runs: list[StudyRun] = []
+    for seed in config.seeds:
+        for base, path in config.bases.items():
+            for p in config.percentages:
+                sets = [None] if p == 0 else list(config.synthetic)
+                for s in sets:
+                    series = base if not several or s is None else f"{base}+{s}"
+                    label = base if s is None or not several else f"{base}-{s}"
+                    runs.append(StudyRun(
+                        name=f"{label}-{_pct_label(p)}pct-seed{seed}", series=series, base=base, synthetic_set=s,
+                        percent=float(p), synthetic_only=None, seed=seed, train=str(path), val=str(path),
+                        synthetic=None if s is None else str(config.synthetic[s]),
+                    ))
+        for s, spath in config.synthetic.items():
+            for n in config.synthetic_only:
+                runs.append(StudyRun(
+                    name=f"{s}-only-{n}-seed{seed}", series=f"{s}-only", base=None, synthetic_set=s, percent=None,
+                    synthetic_only=n, seed=seed, train=None, val=str(config.bases[config.val_base]), synthetic=str(spath),
+                ))
+    return runs
+
+
+def check_inputs(config: StudyConfig, runs: list[StudyRun]) -> None:
+    """Open every dataset and resolve every run's tiles before training anything, so bad input (a missing
+    folder, mismatched classes, too few synthetic tiles, a synthetic test set) fails at once."""
+    from dualsynth.segmentation import check_compatible, select_training_data
+
+    test = DatasetFolder(config.test.data)
+    records = test.records(split=config.test.split)
+    if not records:
+        raise InputError(test.path, f"test set has no '{config.test.split}' tiles (splits: {', '.join(test.splits)})")
+    fake = [r.file for r in records if r.origin != "real"]
+    if fake:
+        raise InputError(test.path, f"the test set must be real tiles only; '{fake[0]}' is {records[0].origin}")
+    for name, path in config.bases.items():
+        check_compatible(test, DatasetFolder(path), f"base '{name}'")
+    for run in runs:
+        select_training_data(run.train, run.val, run.synthetic, run.percent if run.synthetic_only is None else None,
+                             run.synthetic_only, run.seed)
+
+
+def run_dir(out: str | Path, name: str) -> Path:
+    return Path(out) / "runs" / name
+
+
+def is_finished(out: str | Path, name: str) -> bool:
+    return (run_dir(out, name) / EVALUATION / "summary.json").is_file()
+
+
+def run_one(job: dict[str, Any], seg_config: dict[str, Any], test: dict[str, Any], out: str, device: str,
+            overlays: int, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train and evaluate one study run (a top-level function, so worker processes and Ray can call it).
+
+    Returns ``{"name", "seconds", "skipped"}``, or ``{"name", "error"}`` when the run failed: the error travels
+    as text because exceptions with extra arguments do not always survive pickling between processes.
+    """
+    import torch
+
+    from dualsynth.segmentation import SegTrainConfig, evaluate_run, train_segmentation
+
+    if threads:
+        torch.set_num_threads(threads)
+    name = job["name"]
+    if is_finished(out, name):
+        return {"name": name, "seconds": 0.0, "skipped": True}
+    t0 = time.perf_counter()
+    try:
+        folder = run_dir(out, name)
+        config = SegTrainConfig.model_validate({**seg_config, "seed": job["seed"]})
+        train_segmentation(
+            job["train"], folder, config, val=job["val"], synthetic=job["synthetic"],
+            synthetic_percent=job["percent"] if job["synthetic_only"] is None else None,
+            synthetic_only=job["synthetic_only"], resume=(folder / "config.yaml").is_file(), device=device,
+            progress=progress,
+        )
+        evaluate_run(folder, test["data"], folder / EVALUATION, test["split"], overlays, device, progress=progress)
+    except InputError as exc:
+        return {"name": name, "error": exc.one_line()}
+    except Exception as exc:  # reported with the run's name; the other runs go on
+        return {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+    return {"name": name, "seconds": time.perf_counter() - t0, "skipped": False}
+
+
+def run_study(
+    config: StudyConfig,
+    out: str | Path,
+    workers: int = 1,
+    backend: Literal["local", "ray"] = "local",
+    address: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or continue) a study into `out` and write its results, figures and report; return a summary.
+
+    `workers` > 1 runs that many trainings side by side in spawned processes, each with cores // workers
+    torch threads (`threads` overrides that; with one worker it defaults to torch's own choice).
+    `backend="ray"` submits each run as a Ray task (to the cluster at `address`, or a local
+    Ray started here); every node must see `out` and the datasets at the same paths.
+    """
+    if workers < 1:
+        raise InputError("--workers", f"must be at least 1, got {workers}")
+    if backend not in ("local", "ray"):
+        raise InputError("--backend", f"unknown backend '{backend}' (local or ray)")
+    out = Path(out)
+    seg_config = seg_config_dict(config)
+    runs = plan_runs(config)
+    check_inputs(config, runs)
+    from dualsynth.config import resolve_device
+
+    resolve_device(config.device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / "study.yaml", {**config.model_dump(mode="json"), "resolved_seg_config": seg_config})
+
+    todo = [r for r in runs if not is_finished(out, r.name)]
+    log(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do")
+    test = config.test.model_dump(mode="json")
+    args = (seg_config, test, str(out), config.device, config.overlays)
+    t0 = time.perf_counter()
+    results: list[dict[str, Any]] = []
+
+    def report(i: int, res: dict[str, Any]) -> None:
+        results.append(res)
+        if "error" in res:
+            log(f"[{i}/{len(todo)}] {res['name']}: FAILED: {res['error']}")
+        else:
+            log(f"[{i}/{len(todo)}] {res['name']}: done in {res['seconds']:.0f} s" + _score_note(out, res["name"]))
+
+    jobs = [asdict(r) for r in todo]
+    if not jobs:
+        pass
+    elif backend == "ray":
+        _run_ray(jobs, args, address, config, report)
+    elif workers == 1:
+        for i, job in enumerate(jobs, 1):
+            report(i, run_one(job, *args, threads=threads, progress=progress))
+    else:
+        _run_processes(jobs, args, workers, threads, report)
+
+    paths = write_study_outputs(config, out)
+    failed = [r for r in results if "error" in r]
+    summary = {"runs": len(runs), "trained": len(results) - len(failed), "failed": len(failed),
+               "skipped": len(runs) - len(todo), "seconds": time.perf_counter() - t0, **{k: str(v) for k, v in paths.items()}}
+    if failed:
+        raise InputError(out, f"{len(failed)} of {len(todo)} runs failed (first: {failed[0]['name']}: "
+                         f"{failed[0]['error']}); start the study again to retry them")
+    return summary
+
+
+def _score_note(out: Path, name: str) -> str:
+    path = run_dir(out, name) / EVALUATION / "summary.json"
+    try:
+        import json
+
+        s = json.loads(path.read_text())
+        return f", test Missing Class IoU {100 * s['missing_class_iou']:.1f} %"
+    except Exception:
+        return ""
+
+
+def _run_processes(jobs: list[dict], args: tuple, workers: int, threads: int | None, report: Callable) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: a forked child inherits torch's thread pools and locks in whatever state they are in
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, job, *args, threads, False) for job in jobs]
+        for i, fut in enumerate(as_completed(futures), 1):
+            report(i, fut.result())
+
+
+def _run_ray(jobs: list[dict], args: tuple, address: str | None, config: StudyConfig, report: Callable) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--backend", "ray is not installed (pip install 'dualsynth[ray]')") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except Exception as exc:
+            raise InputError("--address", f"cannot connect to Ray ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    task = ray.remote(num_cpus=config.ray_cpus_per_task, num_gpus=config.ray_gpus_per_task)(run_one)
+    pending = [task.remote(job, *args, config.ray_cpus_per_task, False) for job in jobs]
+    i = 0
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        i += 1
+        report(i, ray.get(done[0]))
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
+
+def collect_results(config: StudyConfig, out: str | Path) -> list[dict[str, Any]]:
+    """results.csv rows: one per finished run and metric (overall scores, per-class Missing Class IoU and IoU)."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    for run in plan_runs(config):
+        if not is_finished(out, run.name):
+            continue
+        folder = run_dir(out, run.name)
+        s = json.loads((folder / EVALUATION / "summary.json").read_text())
+        tiles: dict[str, Any] = {}
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            tiles = json.loads(manifest.read_text()).get("inputs", {}).get("tiles", {})
+        common = {
+            "run": run.name, "series": run.series, "base": run.base or "", "synthetic_set": run.synthetic_set or "",
+            "percent": "" if run.percent is None else run.percent,
+            "synthetic_only": "" if run.synthetic_only is None else run.synthetic_only,
+            "real_tiles": tiles.get("real_train", ""), "synthetic_tiles": tiles.get("synthetic_train", ""),
+            "seed": run.seed,
+        }
+        for metric in ("pixel_accuracy", "miou", "mean_image_miou", "missing_class_iou"):
+            rows.append({**common, "metric": metric, "class": "", "value": _num(s.get(metric))})
+        for metric, key in (("missing_class_iou", "missing_class_iou_per_class"), ("iou", "iou_per_class")):
+            for cname, v in (s.get(key) or {}).items():
+                rows.append({**common, "metric": metric, "class": cname, "value": _num(v)})
+    return rows
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None or v == "" else float(v)
+
+
+@dataclass
+class Point:
+    """Mean and spread of one metric over the seeds of one configuration."""
+
+    series: str
+    percent: float | None
+    synthetic_only: int | None
+    mean: float
+    std: float
+    n: int
+    runs: list[tuple[str, float]]
+
+
+def aggregate(rows: list[dict[str, Any]], metric: str, cls: str = "") -> list[Point]:
+    """Group rows of one metric (and class) by configuration: mean, sample std over seeds, and the runs."""
+    groups: dict[tuple, list[tuple[str, float]]] = {}
+    for r in rows:
+        if r["metric"] != metric or r["class"] != cls:
+            continue
+        key = (r["series"], None if r["percent"] == "" else float(r["percent"]),
+               None if r["synthetic_only"] == "" else int(r["synthetic_only"]))
+        groups.setdefault(key, []).append((r["run"], float(r["value"])))
+    points = []
+    for (series, pct, n_only), runs in groups.items():
+        values = np.array([v for _, v in runs if not math.isnan(v)])
+        mean = float(values.mean()) if values.size else float("nan")
+        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        points.append(Point(series, pct, n_only, mean, std, int(values.size), runs))
+    return points
+
+
+def write_study_outputs(config: StudyConfig, out: str | Path) -> dict[str, Path]:
+    """results.csv, summary.csv, the figures and report.md from whatever runs have finished."""
+    out = Path(out)
+    rows = collect_results(config, out)
+    paths = {"results": out / "results.csv", "summary": out / "summary.csv", "report": out / "report.md"}
+    fields = ["run", "series", "base", "synthetic_set", "percent", "synthetic_only", "real_tiles", "synthetic_tiles",
+              "seed", "metric", "class", "value"]
+    write_csv(paths["results"], rows, fields)
+    class_names = list(dict.fromkeys(r["class"] for r in rows if r["class"]))
+    summary_rows = []
+    for metric, cls in [(m, "") for m in ("pixel_accuracy", "miou", "mean_image_miou", "missing_class_iou")] + \
+            [("missing_class_iou", c) for c in class_names] + [("iou", c) for c in class_names]:
+        for p in sorted(aggregate(rows, metric, cls), key=_point_order):
+            summary_rows.append({"series": p.series, "percent": "" if p.percent is None else p.percent,
+                                 "synthetic_only": "" if p.synthetic_only is None else p.synthetic_only,
+                                 "metric": metric, "class": cls, "mean": p.mean, "std": p.std, "n": p.n})
+    write_csv(paths["summary"], summary_rows, ["series", "percent", "synthetic_only", "metric", "class", "mean", "std", "n"])
+    if rows:
+        reference_tiles = _reference_tiles(rows, config)
+        for metric, name in FIGURES.items():
+            paths[metric] = out / name
+            draw_metric_figure(paths[metric], rows, metric, reference_tiles)
+        if class_names:
+            paths["per_class"] = out / PER_CLASS_FIGURE
+            draw_per_class_figure(paths["per_class"], rows, class_names, reference_tiles)
+    write_text(paths["report"], study_report(config, rows, class_names, paths))
+    return paths
+
+
+def _point_order(p: Point) -> tuple:
+    return (p.series.endswith("-only"), p.series, -1 if p.percent is None else p.percent, p.synthetic_only or 0)
+
+
+def _reference_tiles(rows: list[dict[str, Any]], config: StudyConfig) -> int | None:
+    """Real training tiles of the base that validates synthetic-only runs: maps sizes to the % axis, as the
+    paper's upper x-axis does (purely synthetic sizes equal the tiles added to the big base)."""
+    try:
+        n = len(DatasetFolder(config.bases[config.val_base]).records(split="train"))
+    except InputError:
+        n = 0
+    if n:
+        return n
+    return next((int(r["real_tiles"]) for r in rows if r["real_tiles"] not in ("", None) and int(r["real_tiles"]) > 0), None)
+
+
+def _base_series(series: str) -> str:
+    """The series of a configuration's base model: 'HQ+S1' -> 'HQ' (several synthetic sets), 'HQ' -> 'HQ'."""
+    return series.split("+", 1)[0]
+
+
+def _plot_metric(ax: Any, rows: list[dict[str, Any]], metric: str, cls: str, reference_tiles: int | None,
+                 legend: bool = True) -> bool:
+    """Draw one metric's series on `ax`; True when an upper axis (synthetic-only sizes) was added."""
+    import matplotlib
+
+    points = aggregate(rows, metric, cls)
+    series = sorted({p.series for p in points}, key=lambda s: (s.endswith("-only"), s))
+    # one colour per base dataset (its base line and every synthetic set added to it), one marker per set
+    groups = list(dict.fromkeys(_base_series(s) for s in series))
+    sets = list(dict.fromkeys(s.split("+", 1)[1] for s in series if "+" in s))
+    colours = matplotlib.colormaps["tab10"]
+    markers = "o^vDP*X"
+    xs = [p.percent for p in points if p.percent] + [
+        100 * p.synthetic_only / reference_tiles for p in points if p.synthetic_only and reference_tiles]
+    span = (max(xs) - min(xs)) if len(xs) > 1 else 100.0
+    for k, name in enumerate(series):
+        colour = colours(groups.index(_base_series(name)) % 10)
+        mine = sorted((p for p in points if p.series == name), key=_point_order)
+        base = [p for p in mine if p.percent == 0]
+        if base:
+            b = base[0]
+            ax.axhline(100 * b.mean, color=colour, ls="--", lw=1.2, label=f"{name} [0 %] (base)")
+            if b.n > 1:
+                ax.axhspan(100 * (b.mean - b.std), 100 * (b.mean + b.std), color=colour, alpha=0.12, lw=0)
+        offset = (k - (len(series) - 1) / 2) * 0.012 * span  # side by side, so error bars do not overlap
+        if name.endswith("-only"):
+            if not reference_tiles:
+                continue
+            pts = [p for p in mine if p.synthetic_only]
+            x = [100 * p.synthetic_only / reference_tiles + offset for p in pts]
+            label = f"{name} (size on top axis)"
+            marker, ls = "s", ":"
+        else:
+            pts = [p for p in mine if p.percent]
+            x = [p.percent + offset for p in pts]
+            marker = markers[sets.index(name.split("+", 1)[1]) % len(markers)] if "+" in name else "o"
+            label, ls = (name if "+" in name else f"{name} + synthetic"), "-"
+        if not pts:
+            continue
+        y = [100 * p.mean for p in pts]
+        yerr = [100 * p.std for p in pts] if any(p.n > 1 for p in pts) else None
+        ax.errorbar(x, y, yerr=yerr, color=colour, marker=marker, ls=ls, lw=1, capsize=3, label=label)
+    ax.set_xlabel("synthetic data added to the training set (%)")
+    percents = sorted({p.percent for p in points if p.percent})
+    if percents:
+        ax.set_xticks(percents)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7, loc="best")
+    sizes = sorted({p.synthetic_only for p in points if p.synthetic_only})
+    if reference_tiles and sizes:
+        top = ax.secondary_xaxis("top", functions=(lambda p: p * reference_tiles / 100.0,
+                                                   lambda n: n * 100.0 / reference_tiles))
+        top.set_xticks(sizes)
+        top.set_xlabel("synthetic-only training tiles", fontsize=8)
+        return True
+    return False
+
+
+def draw_metric_figure(path: Path, rows: list[dict[str, Any]], metric: str, reference_tiles: int | None) -> None:
+    """Paper Figs. 15-17: a metric on the test set against % synthetic data, one series per base dataset,
+    the base model (0 %) as a dashed horizontal line, synthetic-only runs on the upper axis; std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    top = _plot_metric(ax, rows, metric, "", reference_tiles)
+    ax.set_ylabel(f"{METRICS[metric]} (%)")
+    n_seeds = len({r["seed"] for r in rows})
+    ax.set_title(f"{METRICS[metric]} on the test set" + (f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else ""),
+                 fontsize=10, pad=14 if top else 6)
+    save_figure(path, fig)
+
+
+def draw_per_class_figure(path: Path, rows: list[dict[str, Any]], class_names: list[str], reference_tiles: int | None) -> None:
+    """Paper Fig. 19: Missing Class IoU per class against % synthetic data, one panel per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, len(class_names))
+    nrows = math.ceil(len(class_names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4 * nrows), squeeze=False)
+    for i, (ax, cname) in enumerate(zip(axes.ravel(), class_names)):
+        top = _plot_metric(ax, rows, "missing_class_iou", cname, reference_tiles, legend=i == 0)
+        ax.set_ylabel("Missing Class IoU (%)")
+        ax.set_title(f"Evaluation of {cname}", fontsize=10, pad=14 if top else 6)
+    for ax in axes.ravel()[len(class_names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    save_figure(path, fig)
+
+
+def _config_label(p: Point) -> str:
+    if p.synthetic_only is not None:
+        return f"{p.series} [{p.synthetic_only} tiles]"
+    return f"{p.series} [{p.percent:g} %]"
+
+
+def _fmt(p: Point | None) -> str:
+    if p is None or math.isnan(p.mean):
+        return "-"
+    return f"{100 * p.mean:.1f} ± {100 * p.std:.1f}" if p.n > 1 else f"{100 * p.mean:.1f}"
+
+
+def study_report(config: StudyConfig, rows: list[dict[str, Any]], class_names: list[str], paths: dict[str, Path]) -> str:
+    """report.md: what was run, a table of every configuration, the best model per metric, the figures."""
+    n_runs = len({r["run"] for r in rows})
+    planned = len(plan_runs(config))
+    lines = ["# Segmentation study", ""]
+    lines += [
+        f"- base datasets: " + ", ".join(f"{k} (`{v}`)" for k, v in config.bases.items()),
+        f"- synthetic sets: " + (", ".join(f"{k} (`{v}`)" for k, v in config.synthetic.items()) or "none"),
+        f"- synthetic data added: {', '.join(f'{p:g} %' for p in config.percentages)}"
+        + (f"; synthetic-only sizes: {', '.join(map(str, config.synthetic_only))} (validated on {config.val_base})"
+           if config.synthetic_only else ""),
+        f"- seeds: {', '.join(map(str, config.seeds))}; U-Net preset `{config.seg.preset}`"
+        + (f" with {config.seg.set}" if config.seg.set else ""),
+        f"- test set: `{config.test.data}` split `{config.test.split}` (real tiles only)",
+        f"- finished runs: {n_runs} of {planned}",
+        "",
+    ]
+    if not rows:
+        lines.append("No run has finished yet.")
+        return "\n".join(lines) + "\n"
+    metrics = ["pixel_accuracy", "miou", "missing_class_iou"]
+    table = {m: {(p.series, p.percent, p.synthetic_only): p for p in aggregate(rows, m)} for m in metrics}
+    keys = sorted(table["missing_class_iou"].values(), key=_point_order)
+    lines += ["## Results on the test set (%)", "",
+              "Mean over seeds, ± sample standard deviation where there are repeats.", "",
+              "| model | real tiles | synthetic tiles | runs | accuracy | mIoU | Missing Class IoU |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    tiles = {(r["series"], r["run"]): (r["real_tiles"], r["synthetic_tiles"]) for r in rows}
+    for p in keys:
+        key = (p.series, p.percent, p.synthetic_only)
+        real, synth = tiles.get((p.series, p.runs[0][0]), ("", ""))
+        lines.append(f"| {_config_label(p)} | {real} | {synth} | {p.n} | {_fmt(table['pixel_accuracy'].get(key))} | "
+                     f"{_fmt(table['miou'].get(key))} | {_fmt(table['missing_class_iou'].get(key))} |")
+    lines += ["", "## Best model per metric", "",
+              "The configuration with the highest mean over seeds, the single run with the highest score, and "
+              "the best configuration's change against the base model (0 %) of the same dataset.", "",
+              "| metric | best configuration | mean | best single run (any configuration) | best configuration vs. its base model |", "|---|---|---:|---|---:|"]
+    for metric, cls, label in [(m, "", METRICS[m]) for m in metrics] + \
+            [("missing_class_iou", c, f"Missing Class IoU of {c}") for c in class_names]:
+        points = [p for p in aggregate(rows, metric, cls) if not math.isnan(p.mean)]
+        if not points:
+            continue
+        best = max(points, key=lambda p: p.mean)
+        run_name, run_value = max((r for p in points for r in p.runs if not math.isnan(r[1])), key=lambda r: r[1])
+        base = next((p for p in points if p.series == _base_series(best.series) and p.percent == 0), None)
+        delta = "-" if base is None or best is base else f"{100 * (best.mean - base.mean):+.1f} points"
+        lines.append(f"| {label} | {_config_label(best)} | {_fmt(best)} | `{run_name}` ({100 * run_value:.1f}) | {delta} |")
+    lines += ["", "## Did synthetic data help? (Missing Class IoU)", ""]
+    mci = aggregate(rows, "missing_class_iou")
+    for series in sorted({p.series for p in mci if not p.series.endswith("-only")}):
+        base = next((p for p in mci if p.series == _base_series(series) and p.percent == 0), None)
+        added = [p for p in mci if p.series == series and p.percent]
+        if base is None or not added:
+            continue
+        best = max(added, key=lambda p: p.mean)
+        better = sum(p.mean > base.mean for p in added)
+        lines.append(f"- {series}: base model {_fmt(base)}; best with synthetic data {_config_label(best)} "
+                     f"{_fmt(best)} ({100 * (best.mean - base.mean):+.1f} points); {better} of {len(added)} "
+                     f"percentages above the base model.")
+    only = [p for p in mci if p.series.endswith("-only")]
+    if only:
+        best = max(only, key=lambda p: p.mean)
+        lines.append(f"- synthetic data only: best {_config_label(best)} {_fmt(best)}.")
+    lines += ["", "## Figures", ""]
+    for metric in metrics:
+        if metric in paths:
+            lines += [f"![{METRICS[metric]}]({paths[metric].name})", ""]
+    if "per_class" in paths:
+        lines += [f"![Missing Class IoU per class]({paths['per_class'].name})", ""]
+    lines += ["Per-run files: `runs/NAME/` (training run) and `runs/NAME/evaluation/` (per-image scores, overlays).",
+              "All numbers: `results.csv` (one row per run and metric) and `summary.csv` (mean, std, n).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,363 @@
+"""U-Net training, evaluation and pre-test: loss falls, synthetic draws, resume, encoder weights, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dualsynth.config import load_config
+from dualsynth.data import ClassInfo, DatasetFolder, DatasetWriter
+from dualsynth.errors import InputError
+from dualsynth.io import read_csv
+from dualsynth.segmentation import (
+    PRESETS,
+    SegTrainConfig,
+    build_unet,
+    draw_synthetic,
+    evaluate,
+    load_segmenter,
+    make_batch,
+    paper_augmentation,
+    predict,
+    select_training_data,
+    synthetic_count,
+    train_segmentation,
+    TileCache,
+    UNetArchitecture,
+    write_evaluation,
+)
+from tests.helpers import run_cli
+
+CLASSES = [ClassInfo("background", (0, 0, 0)), ClassInfo("square", (255, 0, 0)), ClassInfo("disc", (0, 255, 0))]
+# a tiny U-Net: the test data are 32 px tiles of squares and discs
+TINY = {"model": {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]}, "crop": 24,
+        "batch_size": 4, "val_batch_size": 4, "epochs": 2}
+TINY_SET = ["--set", "model.encoder_depth=3", "--set", "model.decoder_channels=[16,8,8]", "--set", "crop=24",
+            "--set", "batch_size=4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: a second thread only adds spinning and contention
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def squares_dataset(out, n_train=8, n_val=4, n_test=4, size=32, seed=0, channels=1, classes=CLASSES,
+                    origin="real", noise=0.05, split_names=("train", "val", "test")):
+    """Bright squares and grey discs on a dark background; the grey level says the class (plus noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    with DatasetWriter(out, classes) as w:
+        for split, n in zip(split_names, (n_train, n_val, n_test)):
+            for i in range(n):
+                mask = np.zeros((size, size), np.uint8)
+                y, x = rng.integers(0, size - 12, 2)
+                s = int(rng.integers(6, 12))
+                mask[y : y + s, x : x + s] = 1
+                cy, cx = rng.integers(5, size - 5, 2)
+                mask[(yy - cy) ** 2 + (xx - cx) ** 2 < 16] = len(classes) - 1
+                image = mask.astype(np.float32) / (len(classes) - 1) * 0.8 + 0.1
+                image = np.clip(image + rng.normal(0, noise, mask.shape), 0, 1).astype(np.float32)
+                if channels == 3:
+                    image = np.stack([image, image * 0.9, image * 0.8], axis=-1)
+                w.add(f"{split}{i}", image, mask, split, source=f"{split}{i}", origin=origin)
+    return out
+
+
+def tiny_config(**changes) -> SegTrainConfig:
+    return load_config(SegTrainConfig, PRESETS, "quick", overrides={**TINY, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One CLI training run with 50 % synthetic data, shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("seg")
+    real = squares_dataset(root / "real")
+    synth = squares_dataset(root / "synth", n_train=10, n_val=0, n_test=0, seed=9, origin="synthetic")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from dualsynth.cli import main
+
+        with pytest.raises(SystemExit) as exc:
+            main(["train-seg", "--train", str(real), "--synthetic", str(synth), "--synthetic-percent", "50",
+                  "--out", str(root / "run"), "--epochs", "4", "--seed", "3", "--no-progress", *TINY_SET])
+        assert exc.value.code in (0, None)
+    finally:
+        torch.set_num_threads(before)
+    return root
+
+
+# --- which tiles a run uses ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("percent,n_real,expected", [(50, 16, 8), (75, 16, 12), (300, 16, 48), (50, 5, 3),
+                                                     (75, 5, 4), (0, 16, 0), (100, 48, 48), (250, 5, 13)])
+def test_synthetic_count_rounds_half_up(percent, n_real, expected):
+    assert synthetic_count(percent, n_real) == expected
+
+
+def test_synthetic_draw_is_seeded_nested_and_bounded(tmp_path):
+    folder = DatasetFolder(squares_dataset(tmp_path / "s", n_train=20, n_val=0, n_test=0, origin="synthetic"))
+    records = folder.records()
+    a = [r.file for r in draw_synthetic(records, 10, seed=1)]
+    assert a == [r.file for r in draw_synthetic(records, 10, seed=1)]
+    assert len(set(a)) == 10
+    assert a != [r.file for r in draw_synthetic(records, 10, seed=2)]
+    # a smaller percentage's draw is contained in a larger one's (same seed)
+    assert [r.file for r in draw_synthetic(records, 4, seed=1)] == a[:4]
+    with pytest.raises(InputError, match="only 20"):
+        draw_synthetic(records, 21, seed=1)
+
+
+def test_select_training_data_counts(tmp_path):
+    real = squares_dataset(tmp_path / "real", n_train=6)
+    synth = squares_dataset(tmp_path / "synth", n_train=12, n_val=0, n_test=0, origin="synthetic")
+    data = select_training_data(real, None, synth, synthetic_percent=150, seed=0)
+    assert (len(data.real), len(data.synthetic), len(data.val)) == (6, 9, 4)
+    assert all(rec.origin == "synthetic" for _, rec in data.synthetic)
+    only = select_training_data(None, real, synth, synthetic_only=5, seed=0)
+    assert (len(only.real), len(only.synthetic), len(only.val)) == (0, 5, 4)
+
+
+def test_manifest_lists_exactly_the_files_used(trained):
+    manifest = json.loads((trained / "run" / "manifest.json").read_text())["inputs"]
+    real = DatasetFolder(trained / "real")
+    assert manifest["tiles"] == {"real_train": 8, "synthetic_train": 4, "val": 4}
+    assert manifest["real_train_files"] == [str(real.path / "images" / r.file) for r in real.records("train")]
+    assert manifest["val_files"] == [str(real.path / "images" / r.file) for r in real.records("val")]
+    synth = DatasetFolder(trained / "synth")
+    expected = [str(synth.path / "images" / r.file) for r in draw_synthetic(synth.records(), 4, seed=3)]
+    assert manifest["synthetic_train_files"] == expected
+    assert all(Path(p).is_file() for p in manifest["synthetic_train_files"])
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def test_train_seg_writes_run_and_loss_falls(trained):
+    run = trained / "run"
+    for name in ("config.yaml", "log.csv", "learning_curve.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    rows = read_csv(run / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) >= {"train_loss", "val_loss", "val_accuracy", "val_miou", "val_missing_class_iou", "lr"}
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0]
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    scores = [float(r["val_missing_class_iou"]) for r in rows]
+    assert best["epoch"] == 1 + int(np.argmax(scores))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    real = squares_dataset(tmp_path / "real")
+    config = tiny_config(epochs=3, flips=True, augment="paper")
+    train_segmentation(real, tmp_path / "a", config, progress=False)
+    train_segmentation(real, tmp_path / "b", config, progress=False, stop_after=1)
+    assert len(read_csv(tmp_path / "b" / "log.csv")) == 1
+    summary = train_segmentation(real, tmp_path / "b", config, progress=False, resume=True)
+    assert summary["epochs_done"] == 3 and summary["finished"]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_csv(tmp_path / "a" / "log.csv")) == strip(read_csv(tmp_path / "b" / "log.csv"))
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    real = squares_dataset(tmp_path / "real")
+    train_segmentation(real, tmp_path / "r", tiny_config(epochs=1), progress=False)
+    with pytest.raises(InputError, match="different config"):
+        train_segmentation(real, tmp_path / "r", tiny_config(epochs=1, lr=0.01), progress=False, resume=True)
+
+
+def test_early_stopping_and_plateau(tmp_path):
+    real = squares_dataset(tmp_path / "real", n_train=4)
+    # lr 0 keeps the weights: the score never improves after epoch 1
+    config = tiny_config(epochs=10, lr=1e-12, lr_patience=1, early_stop_patience=3, lr_factor=0.5, min_lr=0)
+    summary = train_segmentation(real, tmp_path / "r", config, progress=False)
+    assert summary["stopped_early"] and summary["epochs_done"] == 4 and summary["best_epoch"] == 1
+    lrs = [float(r["lr"]) for r in read_csv(tmp_path / "r" / "log.csv")]
+    assert lrs == pytest.approx([1e-12, 1e-12, 5e-13, 2.5e-13])
+
+
+def test_grey_and_rgb_inputs_set_the_unet_channels(tmp_path):
+    rgb = squares_dataset(tmp_path / "rgb", channels=3)
+    data = select_training_data(rgb, seed=0)
+    assert data.in_channels == 3
+    model = build_unet(UNetArchitecture(**TINY["model"]), data.in_channels, data.classes)
+    assert model.net.encoder.conv1.in_channels == 3
+    grey = select_training_data(squares_dataset(tmp_path / "grey"), seed=0)
+    assert build_unet(UNetArchitecture(**TINY["model"]), grey.in_channels, grey.classes).net.encoder.conv1.in_channels == 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_paper_augmentation_is_seeded_and_keeps_masks(tmp_path, channels):
+    folder = DatasetFolder(squares_dataset(tmp_path / "d", channels=channels))
+    cache = TileCache([(folder, r) for r in folder.records("train")])
+    aug = paper_augmentation(channels)
+    x1, y1 = make_batch(cache, [0, 1, 2], 24, True, aug, seed=0, epoch=1)
+    x2, y2 = make_batch(cache, [0, 1, 2], 24, True, aug, seed=0, epoch=1)
+    assert x1.shape == (3, channels, 24, 24) and y1.shape == (3, 24, 24)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    plain, y0 = make_batch(cache, [0, 1, 2], 24, True, None, seed=0, epoch=1)
+    assert torch.equal(y0, y1)  # photometric only: the masks are untouched
+    assert not torch.equal(plain, x1)
+    assert float(x1.min()) >= 0 and float(x1.max()) <= 1
+
+
+# --- encoder weights ----------------------------------------------------------------------------------------
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    arch = UNetArchitecture(**TINY["model"])
+    torch.manual_seed(123)
+    own = smp.encoders.get_encoder("resnet18", in_channels=1, depth=3, weights=None)
+    torch.save(own.state_dict(), tmp_path / "grey.pt")
+    model = build_unet(arch, 1, CLASSES, str(tmp_path / "grey.pt"))
+    for key, value in own.state_dict().items():
+        assert torch.equal(model.net.encoder.state_dict()[key], value), key
+
+    # ImageNet-style 3-channel weights are adapted to grey input as smp adapts its own: summed over channels
+    rgb = smp.encoders.get_encoder("resnet18", in_channels=3, depth=3, weights=None)
+    torch.save({"state_dict": rgb.state_dict()}, tmp_path / "rgb.pth")
+    model = build_unet(arch, 1, CLASSES, str(tmp_path / "rgb.pth"))
+    assert torch.equal(model.net.encoder.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(model.net.encoder.layer1[0].conv1.weight, rgb.layer1[0].conv1.weight)
+
+
+def test_encoder_weights_that_do_not_fit_are_refused(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    other = smp.encoders.get_encoder("resnet34", in_channels=1, depth=3, weights=None)
+    torch.save(other.state_dict(), tmp_path / "r34.pt")
+    with pytest.raises(InputError, match="do not fit"):
+        build_unet(UNetArchitecture(**TINY["model"]), 1, CLASSES, str(tmp_path / "r34.pt"))
+
+
+def test_train_seg_records_encoder_weights_file(tmp_path, capsys):
+    import segmentation_models_pytorch as smp
+
+    real = squares_dataset(tmp_path / "real")
+    torch.save(smp.encoders.get_encoder("resnet18", in_channels=1, depth=3).state_dict(), tmp_path / "enc.pt")
+    code, _, err = run_cli(["train-seg", "--train", real, "--out", tmp_path / "run", "--epochs", "1",
+                            "--encoder-weights", tmp_path / "enc.pt", "--no-progress", *TINY_SET], capsys)
+    assert code == 0, err
+    inputs = json.loads((tmp_path / "run" / "manifest.json").read_text())["inputs"]
+    assert inputs["encoder_weights"] == str(tmp_path / "enc.pt") and len(inputs["encoder_weights_sha256"]) == 64
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------
+
+
+class GreyLevelModel(torch.nn.Module):
+    """A perfect predictor for noise-free squares data: the class is the nearest grey level."""
+
+    def forward(self, x):
+        levels = torch.tensor([0.1, 0.5, 0.9]).view(1, 3, 1, 1)
+        return -(x[:, :1] - levels).abs()
+
+
+def test_evaluate_scores_a_perfect_predictor_one(tmp_path):
+    data = squares_dataset(tmp_path / "d", noise=0.0)
+    result = evaluate(GreyLevelModel(), data, "test", keep_examples=2)
+    s = result.summary
+    assert s["num_images"] == 4
+    assert s["pixel_accuracy"] == 1.0 and s["miou"] == 1.0 and s["missing_class_iou"] == 1.0
+    assert all(v == 1.0 for v in s["missing_class_iou_per_class"].values())
+    paths = write_evaluation(result, tmp_path / "ev", overlays=2)
+    rows = read_csv(paths["per_image"])
+    assert len(rows) == 4 and all(float(r["missing_class_iou"]) == 1.0 for r in rows)
+    assert {"iou_background", "iou_square", "iou_disc"} <= set(rows[0])
+    assert [r["class"] for r in read_csv(paths["per_class"])] == ["background", "square", "disc"]
+    assert json.loads(paths["summary"].read_text())["missing_class_iou"] == 1.0
+    assert len(list((tmp_path / "ev" / "overlays").glob("*.png"))) == 2 and paths["figure"].is_file()
+
+
+def test_evaluate_scores_a_wrong_predictor_below_one(tmp_path):
+    data = squares_dataset(tmp_path / "d", noise=0.0)
+
+    class Background(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            out[:, 0] = 1
+            return out
+
+    s = evaluate(Background(), data, "test").summary
+    assert s["missing_class_iou_per_class"]["square"] == 0.0
+    assert 0 < s["missing_class_iou"] < 1 / 3 + 1e-9  # background IoU < 1, the other two present classes 0
+
+
+def test_predict_any_tile_size(trained):
+    model = load_segmenter(trained / "run", "cpu")
+    mask = predict(model, np.random.default_rng(0).random((30, 27), dtype=np.float32))
+    assert mask.shape == (30, 27) and mask.dtype == np.int64 and mask.max() < 3
+
+
+def test_evaluate_and_pretest_cli(trained, capsys):
+    code, out, err = run_cli(["evaluate", "--model", trained / "run", "--data", trained / "real",
+                              "--out", trained / "ev", "--overlays", "2"], capsys)
+    assert code == 0, err
+    assert "Missing Class IoU" in out
+    ev = trained / "ev"
+    assert len(read_csv(ev / "per_image.csv")) == 4
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["split"] == "test" and 0 <= summary["missing_class_iou"] <= 1
+    assert (ev / "overlays.png").is_file() and len(list((ev / "overlays").glob("*.png"))) == 2
+
+    code, out, err = run_cli(["pretest", "--model", trained / "run", "--synthetic", trained / "synth",
+                              "--out", trained / "pt", "--overlays", "2"], capsys)
+    assert code == 0, err
+    assert (trained / "pt" / "pretest.png").is_file()
+    assert len(read_csv(trained / "pt" / "per_image.csv")) == 10  # every synthetic tile
+    assert json.loads((trained / "pt" / "summary.json").read_text())["reference"] == "prediction"
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    real = squares_dataset(tmp_path / "real")
+    two = squares_dataset(tmp_path / "two", classes=CLASSES[:2], origin="synthetic")
+    base = ["train-seg", "--train", real, "--epochs", "1", *TINY_SET]
+    cases = [
+        (["--synthetic", tmp_path / "missing", "--synthetic-percent", "50", "--out", tmp_path / "o1"], "missing"),
+        (["--synthetic", two, "--synthetic-percent", "50", "--out", tmp_path / "o2"], "classes"),
+        (["--synthetic-percent", "50", "--out", tmp_path / "o3"], "--synthetic"),
+        (["--set", "epoch=3", "--out", tmp_path / "o4"], "unknown config key 'epoch'"),
+        (["--synthetic", real, "--synthetic-only", "99", "--out", tmp_path / "o5"], "only 8"),
+        (["--encoder-weights", tmp_path / "nope.pt", "--out", tmp_path / "o6"], "nope.pt"),
+    ]
+    for extra, needle in cases:
+        code, _, err = run_cli(base + extra, capsys)
+        assert code == 2, (extra, err)
+        assert err.startswith("error:") and err.count("\n") == 1 and needle in err, err
+    code, _, err = run_cli(["evaluate", "--model", tmp_path / "norun", "--data", real, "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "not a run folder" in err
+
+
+def test_config_files_equal_the_presets():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("quick", "paper"):
+        assert load_config(SegTrainConfig, PRESETS, config_file=root / f"seg-{name}.yaml") == \
+            load_config(SegTrainConfig, PRESETS, name)
+
+
+def test_per_image_normalisation_ignores_brightness_and_contrast():
+    torch.manual_seed(0)
+    model = build_unet(UNetArchitecture(**TINY["model"], normalize="per_image"), 1, CLASSES).eval()
+    x = torch.rand(2, 1, 32, 32) * 0.3 + 0.2
+    with torch.no_grad():
+        a, b = model(x), model(0.5 * x + 0.3)
+    assert torch.allclose(a, b, atol=1e-4)
