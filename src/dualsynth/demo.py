@@ -27,9 +27,9 @@ class DemoConfig(StrictModel):
     vqvae_steps: int = Field(2500, ge=1, description="VQ-VAE updates (quick preset otherwise)")
     prior_arch: str = Field("gated", description="pixelcnn (the paper's) or gated (no blind spot)")
     prior_steps: int = Field(800, ge=1, description="prior updates (quick preset otherwise)")
-    synthetic: int = Field(48, ge=1, description="synthetic pairs to sample")
+    synthetic: int | None = Field(None, ge=1, description="synthetic pairs to sample (default: what the study needs)")
     percentages: list[float] = Field(default_factory=lambda: [0, 50, 100], description="% synthetic added to the real tiles")
-    synthetic_only: list[int] = Field(default_factory=lambda: [48], description="synthetic-only training set sizes")
+    synthetic_only: list[int] | None = Field(None, description="synthetic-only training set sizes (default: as many as the real training tiles)")
     seg_epochs: int = Field(8, ge=1, description="U-Net epochs per run (quick preset otherwise)")
     device: str = "auto"
     threads: int | None = Field(None, description="torch CPU threads (None: torch's choice)")
@@ -111,8 +111,19 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         resume = (prior_dir / "config.yaml").is_file()
         train_prior(vq_dir, prior_dir, cfg, resume=resume, device=config.device, progress=progress)
 
+    def real_train_tiles() -> int:
+        from dualsynth.data import DatasetFolder
+
+        return len(DatasetFolder(data / "hq").records("train"))
+
+    def synthetic_only_sizes() -> list[int]:
+        return config.synthetic_only if config.synthetic_only is not None else [real_train_tiles()]
+
     def sample() -> None:
-        sample_dataset(prior_dir, synth_dir, config.synthetic, clean=clean_mask, seed=config.seed,
+        import math
+
+        needed = max([math.ceil(max(config.percentages) / 100 * real_train_tiles())] + synthetic_only_sizes())
+        sample_dataset(prior_dir, synth_dir, config.synthetic or needed, clean=clean_mask, seed=config.seed,
                        device=config.device, overwrite=True, progress=progress, threads=config.threads)
 
     def study() -> None:
@@ -120,7 +131,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
             "bases": {"HQ": str(data / "hq"), "LQ": str(data / "lq")},
             "synthetic": {"synthetic": str(synth_dir)},
             "percentages": config.percentages,
-            "synthetic_only": config.synthetic_only,
+            "synthetic_only": synthetic_only_sizes(),
             "seeds": [config.seed],
             "test": {"data": str(data / "hq"), "split": "test"},
             "seg": {"preset": "quick", "set": {"epochs": config.seg_epochs}},
