@@ -24,7 +24,7 @@ class OrderedGroup(click.Group):
         return list(self.commands)
 
 
-@click.group(cls=OrderedGroup, context_settings=CONTEXT)
+@click.group(cls=OrderedGroup, context_settings={**CONTEXT, "terminal_width": 120, "max_content_width": 120})
 @click.version_option(__version__, prog_name="dualsynth")
 def cli() -> None:
     """dualsynth: synthetic micrograph + mask pairs from a few real ones, and a study of whether they help.

@@ -5,20 +5,19 @@ Two architectures, one interface (`forward(codes (B, H, W) long, cond (B, F) | N
 - `PixelCNN`, the paper's prior, built as in the keras.io VQ-VAE example it adapted: one-hot codes -> 7x7
   mask-A convolution -> residual blocks with 3x3 mask-B convolutions -> 1x1 mask-B layers -> logits over the K
   codes. Stacked masked convolutions leave a *blind spot* (positions up and to the right that no output ever
-  sees); the paper's section 7 blames its failure on layered microstructures on exactly this.
+  sees); the paper's section 7 reports this prior failing on layered microstructures, and its conclusion
+  points to PixelCNN variants without the blind spot.
 - `GatedPixelCNN` (van den Oord et al. 2016, "Conditional image generation with PixelCNN decoders"): a
   vertical stack (rows above) and a horizontal stack (the current row, to the left) with gated
   tanh * sigmoid units, residual and skip connections, and no blind spot. An optional vector (here the
   phase fractions of a tile) is projected and added inside every gate.
 
 Both models also offer what the fast sampler in `dualsynth.sampling` needs: `receptive_reach()` (how far up,
-left and right an output position looks) and `begin_row` / `logits_at`, which compute the logits at one
-position from only the part of the grid that can influence it. The default `logits_at` runs the network on a
-crop of the grid that covers the position's receptive field; in exact arithmetic that gives the full network's
-value, because zero padding at a crop border only corrupts activations that the position never reads.
+left and right an output position looks) and `start_sampling` / `begin_row` / `logits_at`, which compute the
+logits at one position from cached activations of earlier positions, each layer at the new position only.
 
-Public surface: `PixelCNNConfig`, `GatedPixelCNNConfig`, `PriorConfig`, `PixelCNN`, `GatedPixelCNN`,
-`Reach`, `MaskedConv2d`, `build_prior`, `prior_from_checkpoint`.
+Public surface: `PixelCNNConfig`, `GatedPixelCNNConfig` (and their `...Architecture` sizes), `PriorConfig`,
+`PixelCNN`, `GatedPixelCNN`, `Reach`, `SamplingState`, `MaskedConv2d`, `build_prior`, `prior_from_checkpoint`.
 """
 
 from __future__ import annotations
@@ -49,34 +48,44 @@ def _odd(value: int) -> int:
     return value
 
 
-class PixelCNNConfig(StrictModel):
-    """The paper's PixelCNN (keras.io VQ-VAE example); defaults are that example's sizes."""
+class PixelCNNArchitecture(StrictModel):
+    """Sizes of the paper's PixelCNN (keras.io VQ-VAE example); defaults are that example's."""
 
-    arch: Literal["pixelcnn"] = "pixelcnn"
-    num_codes: int = Field(ge=2, description="K, the VQ-VAE's codebook size (paper: 10)")
     hidden: int = Field(128, ge=2, description="channels of the trunk (keras example: 128)")
     num_residual_blocks: int = Field(2, ge=0, description="1x1 -> 3x3 mask-B -> 1x1 residual blocks (keras: 2)")
     num_output_layers: int = Field(2, ge=0, description="1x1 mask-B layers before the logits (keras: 2)")
     first_kernel: int = Field(7, ge=3, description="size of the first, mask-A convolution (keras: 7)")
     kernel: int = Field(3, ge=1, description="size of the mask-B convolution in each residual block (keras: 3)")
-    cond_dim: int = Field(0, ge=0, description="length of the conditioning vector (0: unconditioned)")
 
     _odd_kernels = field_validator("first_kernel", "kernel")(_odd)
 
 
-class GatedPixelCNNConfig(StrictModel):
-    """Gated PixelCNN with vertical and horizontal stacks (no blind spot)."""
+class GatedPixelCNNArchitecture(StrictModel):
+    """Sizes of the gated PixelCNN (vertical and horizontal stacks, no blind spot)."""
 
-    arch: Literal["gated"] = "gated"
-    num_codes: int = Field(ge=2, description="K, the VQ-VAE's codebook size")
     hidden: int = Field(64, ge=1, description="channels of each stack")
-    num_layers: int = Field(12, ge=1, description="gated layers; the first is the causal (mask-A) one")
+    num_layers: int = Field(12, ge=1, description="gated layers; the first is the causal (mask-A-like) one")
     first_kernel: int = Field(7, ge=3, description="width of the first layer's kernels")
     kernel: int = Field(3, ge=1, description="width of the later layers' kernels")
     skip: int = Field(128, ge=1, description="channels of the skip connections and the output head")
-    cond_dim: int = Field(0, ge=0, description="length of the conditioning vector (0: unconditioned)")
 
     _odd_kernels = field_validator("first_kernel", "kernel")(_odd)
+
+
+class PixelCNNConfig(PixelCNNArchitecture):
+    """Everything needed to rebuild a `PixelCNN`: its sizes plus what it reads from the VQ-VAE and data."""
+
+    arch: Literal["pixelcnn"] = "pixelcnn"
+    num_codes: int = Field(ge=2, description="K, the VQ-VAE's codebook size (paper: 10)")
+    cond_dim: int = Field(0, ge=0, description="length of the conditioning vector (0: unconditioned)")
+
+
+class GatedPixelCNNConfig(GatedPixelCNNArchitecture):
+    """Everything needed to rebuild a `GatedPixelCNN`: its sizes plus what it reads from the VQ-VAE and data."""
+
+    arch: Literal["gated"] = "gated"
+    num_codes: int = Field(ge=2, description="K, the VQ-VAE's codebook size")
+    cond_dim: int = Field(0, ge=0, description="length of the conditioning vector (0: unconditioned)")
 
 
 PriorConfig = Annotated[Union[PixelCNNConfig, GatedPixelCNNConfig], Field(discriminator="arch")]

@@ -1,0 +1,191 @@
+"""The priors: causality and receptive fields (by gradients), conditioning, checkpoints, the sampler hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from dualsynth.models.prior import (
+    GatedPixelCNN,
+    GatedPixelCNNConfig,
+    MaskedConv2d,
+    PixelCNN,
+    PixelCNNConfig,
+    _Prior,
+    build_prior,
+    prior_from_checkpoint,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP's wait costs on a busy 2-core machine (10x in these tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def receptive_field(model, shape, i, j, cond=None):
+    """Boolean (H, W): the input positions whose value changes the logits at (i, j) (non-zero gradient)."""
+    model = model.double()
+    k = model.config.num_codes
+    gen = torch.Generator().manual_seed(1000 * i + j)
+    # continuous random input rather than one-hot: every input position then carries a generic value
+    x = torch.rand(1, k, *shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = model.forward_onehot(x, None if cond is None else cond.double())
+    (grad,) = torch.autograd.grad(out[0, :, i, j].sum(), x)
+    return grad.abs().sum(dim=(0, 1)) > 0
+
+
+def before(shape, i, j):
+    """Boolean (H, W): positions strictly before (i, j) in raster order."""
+    h, w = shape
+    index = torch.arange(h * w).view(h, w)
+    return index < i * w + j
+
+
+def reach_box(shape, i, j, r):
+    """Boolean (H, W): rows i-r..i, columns j-r..j+r (the rectangle a reach of r allows)."""
+    rows = torch.arange(shape[0])[:, None]
+    cols = torch.arange(shape[1])[None, :]
+    return (rows >= i - r) & (rows <= i) & (cols >= j - r) & (cols <= j + r)
+
+
+EDGE_AND_INNER = [(0, 0), (0, 1), (0, 7), (1, 0), (3, 4), (4, 7), (7, 0), (7, 7), (5, 2)]
+
+
+def gated(**kw):
+    base = dict(num_codes=3, hidden=4, skip=6, num_layers=5, first_kernel=7, kernel=3)
+    return GatedPixelCNN(GatedPixelCNNConfig(**{**base, **kw}))
+
+
+def pixelcnn(**kw):
+    base = dict(num_codes=3, hidden=16, num_residual_blocks=2, num_output_layers=1)
+    return PixelCNN(PixelCNNConfig(**{**base, **kw}))
+
+
+def test_gated_receptive_field_is_exactly_every_earlier_position():
+    torch.manual_seed(0)
+    model = gated()  # reach 3 + 4*1 = 7 covers the whole 8x8 grid
+    assert model.receptive_reach().up >= 7
+    for i in range(8):
+        for j in range(8):
+            field = receptive_field(model, (8, 8), i, j)
+            assert torch.equal(field, before((8, 8), i, j)), (i, j)
+
+
+def test_gated_receptive_field_with_conditioning_and_wide_kernels():
+    torch.manual_seed(1)
+    model = gated(num_layers=3, first_kernel=3, kernel=5, cond_dim=2)  # reach 1 + 2*2 = 5
+    cond = torch.tensor([[0.3, 0.7]])
+    for i, j in [(0, 0), (0, 5), (5, 0), (5, 5), (2, 3)]:
+        assert torch.equal(receptive_field(model, (6, 6), i, j, cond), before((6, 6), i, j)), (i, j)
+
+
+def test_gated_receptive_field_matches_its_declared_reach():
+    torch.manual_seed(2)
+    model = gated(num_layers=2, first_kernel=3, kernel=3)  # reach 2: a band, smaller than the grid
+    r = model.receptive_reach().up
+    assert r == 2
+    for i, j in [(0, 0), (4, 4), (8, 8), (8, 0), (3, 8), (1, 6)]:
+        expected = before((9, 9), i, j) & reach_box((9, 9), i, j, r)
+        assert torch.equal(receptive_field(model, (9, 9), i, j), expected), (i, j)
+
+
+def test_pixelcnn_sees_only_earlier_positions_and_has_a_blind_spot():
+    torch.manual_seed(3)
+    model = pixelcnn()
+    r = model.receptive_reach().up
+    assert r == 3 + 2  # 7x7 mask A, then one row/column per 3x3 mask-B residual block
+    shape = (12, 12)
+    for i, j in [(0, 0), (0, 11), (11, 0), (11, 11), (6, 6), (1, 10), (3, 0)]:
+        field = receptive_field(model, shape, i, j)
+        assert not field[i, j], "an output must not see its own code"
+        assert not (field & ~before(shape, i, j)).any(), (i, j)
+        assert not (field & ~reach_box(shape, i, j, r)).any(), (i, j)
+        # the first layer's 7x7 mask-A neighbourhood reaches the output through the residual path
+        assert field[before(shape, i, j) & reach_box(shape, i, j, 3)].all(), (i, j)
+    # the blind spot: (i-1, j+4) comes before (i, j) and lies within reach, yet no path leads to it
+    field = receptive_field(model, shape, 6, 6)
+    assert before(shape, 6, 6)[5, 10] and reach_box(shape, 6, 6, r)[5, 10]
+    assert not field[5, 10]
+
+
+def test_masks_hide_the_centre_only_for_type_a():
+    a = MaskedConv2d("A", 1, 1, 3).mask[0, 0]
+    b = MaskedConv2d("B", 1, 1, 3).mask[0, 0]
+    assert a.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert b.tolist() == [[1, 1, 1], [1, 1, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("make", [pixelcnn, gated])
+def test_forward_shapes_and_conditioning(make):
+    torch.manual_seed(4)
+    model = make(cond_dim=3)
+    codes = torch.randint(0, 3, (2, 5, 7))
+    cond_a = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    cond_b = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    logits = model(codes, cond_a)
+    assert logits.shape == (2, 3, 5, 7)
+    # conditioning changes the prediction even at the first position, where no code is known yet
+    assert not torch.allclose(logits[:, :, 0, 0], model(codes, cond_b)[:, :, 0, 0])
+    with pytest.raises(ValueError, match="conditioning"):
+        model(codes)
+    with pytest.raises(ValueError, match="code indices"):
+        model(torch.full((1, 4, 4), 3))
+
+
+def test_unconditioned_prior_refuses_a_vector():
+    with pytest.raises(ValueError, match="without conditioning"):
+        pixelcnn()(torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("make", [pixelcnn, gated])
+def test_checkpoint_round_trip(make, tmp_path):
+    torch.manual_seed(5)
+    model = make(cond_dim=2).eval()
+    codes = torch.randint(0, 3, (2, 6, 6))
+    cond = torch.rand(2, 2)
+    torch.save(model.checkpoint(), tmp_path / "prior.pt")
+    again = prior_from_checkpoint(tmp_path / "prior.pt").eval()
+    assert type(again) is type(model) and again.config == model.config
+    assert torch.equal(again(codes, cond), model(codes, cond))
+    assert type(type(model).from_checkpoint(model.checkpoint())) is type(model)
+    other = GatedPixelCNN if isinstance(model, PixelCNN) else PixelCNN
+    with pytest.raises(ValueError, match="not a"):
+        other.from_checkpoint(model.checkpoint())
+
+
+def test_configs_are_strict():
+    with pytest.raises(ValidationError):
+        PixelCNNConfig(num_codes=4, hiden=3)  # typo
+    with pytest.raises(ValidationError):
+        GatedPixelCNNConfig(num_codes=4, kernel=4)  # even kernels have no centre
+    assert isinstance(build_prior({"arch": "gated", "num_codes": 4}), GatedPixelCNN)
+    assert isinstance(build_prior({"arch": "pixelcnn", "num_codes": 4}), PixelCNN)
+    with pytest.raises(ValidationError):
+        build_prior({"arch": "transformer", "num_codes": 4})
+
+
+@pytest.mark.parametrize("make", [pixelcnn, gated])
+@pytest.mark.parametrize("use_default", [False, True], ids=["cached", "crop"])
+def test_logits_at_matches_the_full_network(make, use_default):
+    """The sampler hooks give the full network's logits at every position, in raster order.
+
+    The grid holds *all* codes, future ones included: a cache that read a future position would differ.
+    `crop` checks the generic receptive-field crop every prior inherits.
+    """
+    torch.manual_seed(6)
+    model = make(cond_dim=2).eval()
+    codes = torch.randint(0, 3, (3, 7, 9))
+    cond = torch.rand(3, 2)
+    with torch.no_grad():
+        full = model(codes, cond)
+        state = model.start_sampling(model.one_hot(codes), cond)
+        for i in range(7):
+            model.begin_row(state, i)
+            for j in range(9):
+                at = _Prior.logits_at(model, state, i, j) if use_default else model.logits_at(state, i, j)
+                torch.testing.assert_close(at, full[:, :, i, j], rtol=1e-5, atol=1e-5)
