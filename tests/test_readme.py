@@ -55,3 +55,14 @@ def test_every_command_is_documented_in_the_readme():
     text = README.read_text(encoding="utf-8")
     for name in cli.commands:
         assert f"dualsynth {name}" in text, f"README does not document 'dualsynth {name}'"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python API example runs as written (tiny data, a few seconds)."""
+    blocks = _code_blocks("python")
+    assert blocks, "the README has no Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme_example"}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    assert (tmp_path / "api" / "unet" / "checkpoints" / "best.pt").is_file()
