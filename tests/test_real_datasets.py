@@ -51,3 +51,21 @@ def test_nasa_ebc_tiles_with_split_file_and_unpaired_masks(tmp_path, capsys):
     assert {s: len(ds.records(s)) for s in ds.splits} == {"train": 16 * 16, "val": 3 * 16, "test": 3 * 16}
     fractions = ds.class_fractions()
     assert 0.75 < fractions[0] < 0.88 and 0.12 < fractions[1] < 0.25 and 0.0 < fractions[2] < 0.01
+
+
+def test_quick_vqvae_reconstructs_nasa_super_masks(tmp_path, capsys):
+    """Issue 3's aim: the quick preset on nasa-super tiles recovers validation masks with accuracy >= 0.90."""
+    import json
+
+    src = SHARED / "nasa-super"
+    code, _, err = run_cli(
+        ["prepare", "--images", src / "images", "--masks", src / "masks", "--classes",
+         ROOT / "configs/classes/nasa-super.yaml", "--splits", src / "splits.json", "--split-set", "Super1",
+         "--tile", "128", "--out", tmp_path / "super"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["train-vqvae", "--data", tmp_path / "super", "--out", tmp_path / "vq", "--preset", "quick",
+                              "--threads", "1", "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "vq" / "report.json").read_text())
+    assert report["mask_pixel_accuracy"] >= 0.90
+    assert report["codes_in_use"] >= 8

@@ -82,7 +82,7 @@ def load_config(
     data = deep_merge(data, file_data)
     if overrides:
         data = deep_merge(data, overrides)
-    return validate_config(cls, data, source=config_file or "config")
+    return validate_config(cls, data, source=config_file or ("--set" if overrides else "config"))
 
 
 def validate_config(cls: type[M], data: Mapping[str, Any], source: str | Path = "config") -> M:
