@@ -162,3 +162,12 @@ def test_example_config_and_repeats(tmp_path):
     assert len(plan_runs(example)) == 3 * (2 * 8 + 3)
     config = load_study_config(write_study(tmp_path, repeats=3, seeds=None))
     assert config.seeds == [0, 1, 2]
+
+
+def test_gain_verdict_weighs_the_difference_against_the_seed_spread():
+    from dualsynth.study import Point, gain_verdict
+
+    base = Point("A", 0, None, 0.880, 0.002, 3, [])
+    assert "within 2" in gain_verdict(base, Point("A", 50, None, 0.882, 0.002, 3, []))
+    assert "beyond 2" in gain_verdict(base, Point("A", 50, None, 0.900, 0.002, 3, []))
+    assert "no seed spread" in gain_verdict(Point("A", 0, None, 0.88, 0.0, 1, []), Point("A", 50, None, 0.9, 0.0, 1, []))

@@ -637,6 +637,20 @@ def _fmt(p: Point | None) -> str:
     return f"{100 * p.mean:.1f} ± {100 * p.std:.1f}" if p.n > 1 else f"{100 * p.mean:.1f}"
 
 
+def gain_verdict(base: Point, best: Point) -> str:
+    """Whether a difference of means stands out from the seed-to-seed spread (two standard errors)."""
+    if base.n < 2 or best.n < 2:
+        return "One run per configuration: no seed spread to judge the difference by; add seeds (repeats)."
+    se = math.sqrt(base.std ** 2 / base.n + best.std ** 2 / best.n)
+    diff = best.mean - base.mean
+    if se == 0:
+        return "The runs of each configuration agree exactly."
+    if abs(diff) > 2 * se:
+        return f"The difference is {abs(diff) / se:.1f} standard errors of the seed spread (beyond 2: more than seed noise alone)."
+    return (f"The difference is {abs(diff) / se:.1f} standard errors of the seed spread (within 2: "
+            f"not distinguishable from seed noise).")
+
+
 def study_report(config: StudyConfig, rows: list[dict[str, Any]], class_names: list[str], paths: dict[str, Path]) -> str:
     """report.md: what was run, a table of every configuration, the best model per metric, the figures."""
     n_runs = len({r["run"] for r in rows})
@@ -695,11 +709,14 @@ def study_report(config: StudyConfig, rows: list[dict[str, Any]], class_names: l
         better = sum(p.mean > base.mean for p in added)
         lines.append(f"- {series}: base model {_fmt(base)}; best with synthetic data {_config_label(best)} "
                      f"{_fmt(best)} ({100 * (best.mean - base.mean):+.1f} points); {better} of {len(added)} "
-                     f"percentages above the base model.")
+                     f"percentages above the base model. {gain_verdict(base, best)}")
     only = [p for p in mci if p.series.endswith("-only")]
     if only:
         best = max(only, key=lambda p: p.mean)
         lines.append(f"- synthetic data only: best {_config_label(best)} {_fmt(best)}.")
+    lines += ["", "Caveat: with a fixed number of epochs, a run with more training tiles also takes more optimizer "
+              "steps; to tell the synthetic data from the extra steps, compare with a base model trained for as "
+              "many steps (e.g. `seg.set.epochs` scaled by 1 + % / 100)."]
     lines += ["", "## Figures", ""]
     for metric in metrics:
         if metric in paths:
