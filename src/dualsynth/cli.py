@@ -323,7 +323,6 @@ def _set_threads(threads: int | None) -> None:
 def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resume, threads, no_progress, device):
     """Train the VQ-VAE on joint micrograph+mask images (writes config, checkpoints, log, figures, report)."""
     from dualsynth.config import deep_merge, load_config, parse_overrides
-    from dualsynth.io import read_yaml
     from dualsynth.training.vqvae import PRESETS, VQVAETrainConfig, format_report, saved_run_config, train_vqvae
 
     _set_threads(threads)
@@ -336,11 +335,7 @@ def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resu
         config, saved_data = saved_run_config(out)
         data = data or saved_data
     else:
-        file_preset = None
-        if config_file is not None:
-            loaded = read_yaml(config_file)
-            file_preset = loaded.get("preset") if isinstance(loaded, dict) else None
-        config = load_config(VQVAETrainConfig, PRESETS, preset or (None if file_preset else "quick"), config_file, extra)
+        config = load_config(VQVAETrainConfig, PRESETS, preset, config_file, extra, default_preset="quick")
     if data is None:
         raise InputError("--data", "give the dataset folder to train on")
     summary = train_vqvae(data, out, config, resume=resume, device=device, progress=not no_progress)
@@ -401,7 +396,6 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
                     resume, threads, no_progress, device):
     """Train the prior (PixelCNN or gated PixelCNN) over the VQ-VAE's z-matrices; keeps the best validation NLL."""
     from dualsynth.config import deep_merge, load_config, parse_overrides, validate_config
-    from dualsynth.io import read_yaml
     from dualsynth.training.prior import PRESETS, PriorTrainConfig, saved_run_config, train_prior
 
     _set_threads(threads)
@@ -416,11 +410,7 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
         data_dir = data_dir or inputs["data"]
         codes_dir = codes_dir or inputs["codes"]
     else:
-        file_preset = None
-        if config_file is not None:
-            loaded = read_yaml(config_file)
-            file_preset = loaded.get("preset") if isinstance(loaded, dict) else None
-        config = load_config(PriorTrainConfig, PRESETS, preset or (None if file_preset else "quick"), config_file, extra)
+        config = load_config(PriorTrainConfig, PRESETS, preset, config_file, extra, default_preset="quick")
     if vqvae_dir is None:
         raise InputError("--vqvae", "give the VQ-VAE run folder whose z-matrices the prior learns")
     summary = train_prior(vqvae_dir, out, config, data_dir=data_dir, codes_dir=codes_dir, resume=resume,
@@ -544,7 +534,7 @@ def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_on
         synthetic_percent = synthetic_percent if synthetic_percent is not None else data["synthetic_percent"]
         synthetic_only = synthetic_only if synthetic_only is not None else data["synthetic_only"]
     else:
-        config = load_config(SegTrainConfig, PRESETS, preset or (None if config_file else "quick"), config_file, overrides)
+        config = load_config(SegTrainConfig, PRESETS, preset, config_file, overrides, default_preset="quick")
     summary = train_segmentation(
         train_dir, out, config, val=val_dir, synthetic=synthetic_dir, synthetic_percent=synthetic_percent,
         synthetic_only=synthetic_only, resume=resume, device=device, progress=progress, on_epoch=_echo_epoch,

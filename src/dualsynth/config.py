@@ -58,10 +58,12 @@ def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    default_preset: str | None = None,
 ) -> M:
     """Resolve preset -> config file -> overrides into a validated ``cls`` instance.
 
-    A config file may name its own ``preset:``; a preset given on the command line wins over it.
+    A config file may name its own ``preset:``; a preset given on the command line wins over it, and
+    ``default_preset`` applies when neither names one.
     """
     data: dict[str, Any] = {}
     file_data: dict[str, Any] = {}
@@ -73,7 +75,7 @@ def load_config(
             raise InputError(config_file, "config must be a mapping of key: value")
         file_data = dict(loaded)
     file_preset = file_data.pop("preset", None)
-    name = preset or file_preset
+    name = preset or file_preset or default_preset
     if name is not None:
         if name not in presets:
             raise InputError(config_file if preset is None else "--preset", f"unknown preset '{name}' (choose from {', '.join(presets)})")
