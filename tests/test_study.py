@@ -171,3 +171,21 @@ def test_gain_verdict_weighs_the_difference_against_the_seed_spread():
     assert "within 2" in gain_verdict(base, Point("A", 50, None, 0.882, 0.002, 3, []))
     assert "beyond 2" in gain_verdict(base, Point("A", 50, None, 0.900, 0.002, 3, []))
     assert "no seed spread" in gain_verdict(Point("A", 0, None, 0.88, 0.0, 1, []), Point("A", 50, None, 0.9, 0.0, 1, []))
+
+
+def test_far_off_synthetic_only_points_do_not_flatten_the_other_series():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dualsynth.study import Point, _keep_main_series_readable
+
+    fig, ax = plt.subplots()
+    main = [Point("A", 0, None, 0.880, 0.002, 3, []), Point("A", 50, None, 0.884, 0.001, 3, [])]
+    ax.plot([0, 50, 100], [88.0, 88.4, 56.0])
+    _keep_main_series_readable(ax, main + [Point("s-only", None, 160, 0.56, 0.2, 3, [])], [(100.0, 56.0)])
+    low, high = ax.get_ylim()
+    assert 86 < low < 88 and 88.4 < high < 90
+    assert any("56.0" in t.get_text() for t in ax.texts)
+    plt.close(fig)

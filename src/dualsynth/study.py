@@ -544,6 +544,7 @@ def _plot_metric(ax: Any, rows: list[dict[str, Any]], metric: str, cls: str, ref
     xs = [p.percent for p in points if p.percent] + [
         100 * p.synthetic_only / reference_tiles for p in points if p.synthetic_only and reference_tiles]
     span = (max(xs) - min(xs)) if len(xs) > 1 else 100.0
+    only_xy: list[tuple[float, float]] = []
     for k, name in enumerate(series):
         colour = colours(groups.index(_base_series(name)) % 10)
         mine = sorted((p for p in points if p.series == name), key=_point_order)
@@ -571,6 +572,9 @@ def _plot_metric(ax: Any, rows: list[dict[str, Any]], metric: str, cls: str, ref
         y = [100 * p.mean for p in pts]
         yerr = [100 * p.std for p in pts] if any(p.n > 1 for p in pts) else None
         ax.errorbar(x, y, yerr=yerr, color=colour, marker=marker, ls=ls, lw=1, capsize=3, label=label)
+        if name.endswith("-only"):
+            only_xy += list(zip(x, y))
+    _keep_main_series_readable(ax, points, only_xy)
     ax.set_xlabel("synthetic data added to the training set (%)")
     percents = sorted({p.percent for p in points if p.percent})
     if percents:
@@ -586,6 +590,26 @@ def _plot_metric(ax: Any, rows: list[dict[str, Any]], metric: str, cls: str, ref
         top.set_xlabel("synthetic-only training tiles", fontsize=8)
         return True
     return False
+
+
+def _keep_main_series_readable(ax: Any, points: list[Point], only_xy: list[tuple[float, float]]) -> None:
+    """Synthetic-only runs can score far below the others and flatten every other series (the paper left such
+    points out of its Figs. 15-19). Limit the y-axis to the real + synthetic series and mark the points below
+    it with an arrow and their value at the bottom edge."""
+    main = [p for p in points if not p.series.endswith("-only")]
+    if not main or not only_xy:
+        return
+    lo = min(100 * (p.mean - p.std) for p in main)
+    hi = max(100 * (p.mean + p.std) for p in main)
+    pad = max(0.5, 0.25 * (hi - lo))
+    if all(lo - 4 * pad <= y <= hi + 4 * pad for _, y in only_xy):
+        return
+    bottom = lo - pad
+    ax.set_ylim(bottom - pad, hi + pad)
+    for x, y in only_xy:
+        if y < bottom:
+            ax.annotate(f"{y:.1f} \u2193 (off scale)", xy=(x, bottom - 0.5 * pad), ha="center", va="center", fontsize=8,
+                        color="0.25")
 
 
 def draw_metric_figure(path: Path, rows: list[dict[str, Any]], metric: str, reference_tiles: int | None) -> None:
