@@ -31,10 +31,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dualsynth.errors import InputError
-from dualsynth.io import atomic_path, read_image, save_figure, save_png, write_json
+from dualsynth.io import atomic_path, progress_bar, read_image, save_figure, save_png, write_json
 from dualsynth.models.prior import GatedPixelCNN, PixelCNN
 
 
@@ -103,7 +102,7 @@ def sample_naive(
     h, w, total = _positions(shape, stop_after)
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
     try:
-        for p in tqdm(range(total), desc="sampling (naive)", unit="pos", disable=not progress, leave=False):
+        for p in progress_bar(range(total), enabled=progress, desc="sampling (naive)", unit="pos", leave=False):
             i, j = divmod(p, w)
             logits = model(codes, cond)[:, :, i, j]
             codes[:, i, j] = pick_codes(logits, noise[:, i, j], temperature)
@@ -152,7 +151,7 @@ def sample_fast(
     batch = torch.arange(n, device=device)
     state = model.start_sampling(onehot, cond)
     try:
-        for p in tqdm(range(total), desc="sampling", unit="pos", disable=not progress, leave=False):
+        for p in progress_bar(range(total), enabled=progress, desc="sampling", unit="pos", leave=False):
             i, j = divmod(p, w)
             if j == 0:
                 model.begin_row(state, i)
@@ -282,7 +281,7 @@ def sample_dataset(
     all_codes, all_cond, names, changed, grid = [], [], [], [], []
     seconds = 0.0
     with DatasetWriter(out_dir, classes, overwrite=overwrite) as writer:
-        bar = tqdm(total=n, desc="sample", unit="pair", disable=None if progress else True, dynamic_ncols=True)
+        bar = progress_bar(enabled=progress, total=n, desc="sample", unit="pair")
         for start in range(0, n, batch_size):
             index = range(start, min(n, start + batch_size))
             noise = torch.cat([draw_noise(1, shape, sample_generator(seed, i)) for i in index])

@@ -32,7 +32,7 @@ from pydantic import Field
 from dualsynth.config import StrictModel, autocast, resolve_device, validate_config
 from dualsynth.data import DatasetFolder, join
 from dualsynth.errors import InputError
-from dualsynth.io import atomic_path, read_yaml
+from dualsynth.io import atomic_path, progress_bar, read_yaml
 from dualsynth.models.prior import (
     GatedPixelCNNArchitecture,
     GatedPixelCNNConfig,
@@ -403,7 +403,7 @@ def train_prior(
 
     start = state["step"]
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    bar = _progress(progress, config.steps, start)
+    bar = progress_bar(enabled=progress, total=config.steps, initial=start, desc="train-prior", unit="step")
     t0, codes_seen = time.perf_counter(), 0
     model.train()
     try:
@@ -441,18 +441,15 @@ def train_prior(
                 if bits < state["best_bits"]:
                     state["best_bits"], state["best_step"] = bits, step
                     run.save_checkpoint("best", {**model.checkpoint(), **extra, "step": step, "bits_per_code": bits})
-                if bar is not None:
-                    bar.set_postfix(train=f"{row['train_bits_per_code']:.3f}", **{val_name: f"{bits:.3f}"}, best=f"{state['best_bits']:.3f}")
+                bar.set_postfix(train=f"{row['train_bits_per_code']:.3f}", **{val_name: f"{bits:.3f}"}, best=f"{state['best_bits']:.3f}")
             if step % config.checkpoint_every == 0 or step == end:
                 save_last()
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     except KeyboardInterrupt:
         save_last()
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     summary = {
         "step": state["step"],
@@ -475,13 +472,6 @@ def _unique_fractions(train: EncodedTiles) -> torch.Tensor:
         seen.setdefault(name, row)
     return torch.stack(list(seen.values()))
 
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train-prior", unit="step", dynamic_ncols=True)
 
 
 # --- loading a trained prior --------------------------------------------------------------------------------

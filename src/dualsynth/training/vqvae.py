@@ -24,7 +24,7 @@ from pydantic import Field
 from dualsynth.config import StrictModel, autocast, grad_scaler, resolve_device, validate_config
 from dualsynth.data import ClassInfo, DatasetFolder, colorize_mask, join, split
 from dualsynth.errors import InputError
-from dualsynth.io import atomic_path, read_csv, save_figure, save_png, to_uint8, write_json
+from dualsynth.io import atomic_path, progress_bar, read_csv, save_figure, save_png, to_uint8, write_json
 from dualsynth.metrics import SegmentationScores
 from dualsynth.models.vqvae import VQVAE, VQVAEArchitecture, VQVAEConfig, reconstruction_losses
 from dualsynth.runs import RunFolder, capture_rng_state
@@ -319,7 +319,7 @@ def train_vqvae(
 
     start = state["step"]
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    bar = _progress(progress, config.steps, start)
+    bar = progress_bar(enabled=progress, total=config.steps, initial=start, desc="train-vqvae", unit="step")
     t0, tiles_seen = time.perf_counter(), 0
     model.train()
     try:
@@ -349,11 +349,10 @@ def train_vqvae(
             if step % config.log_every == 0 or step == config.steps:
                 row = _close_window(state, step, tiles_seen / max(time.perf_counter() - t0, 1e-9))
                 run.log(row)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.4f}", err=f"{row['recon_error']:.4f}",
-                        ppl=f"{row['perplexity']:.2f}", codes=int(row["codes_in_use"]),
-                    )
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}", err=f"{row['recon_error']:.4f}",
+                    ppl=f"{row['perplexity']:.2f}", codes=int(row["codes_in_use"]),
+                )
                 if row["recon_error"] < state["best_error"]:
                     # the paper's rule: keep the weights with the lowest reconstruction error on training data
                     state["best_error"], state["best_step"] = row["recon_error"], step
@@ -363,14 +362,12 @@ def train_vqvae(
                 model.train()
             if step % config.checkpoint_every == 0 or step == end:
                 save_last()
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     except KeyboardInterrupt:
         save_last()
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     summary: dict[str, Any] = {"step": state["step"], "best_step": state["best_step"], "best_error": state["best_error"]}
     if state["step"] >= config.steps:
@@ -402,13 +399,6 @@ def _close_window(state: dict[str, Any], step: int, tiles_per_s: float) -> dict[
     state["window"] = _empty_window()
     return row
 
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train-vqvae", unit="step", dynamic_ncols=True)
 
 
 # --- monitoring figures (paper Figs. 7 and 8) ---------------------------------------------------------------
