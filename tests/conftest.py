@@ -4,6 +4,15 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test, restored afterwards (a command run with --threads must not leak into the next
+    test): on a shared 2-core machine a second thread only adds OpenMP spinning, up to 10x in these tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,15 +18,6 @@ from dualsynth.models.prior import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP's wait costs on a busy 2-core machine (10x in these tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def receptive_field(model, shape, i, j, cond=None):
     """Boolean (H, W): the input positions whose value changes the logits at (i, j) (non-zero gradient)."""
     model = model.double()

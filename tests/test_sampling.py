@@ -11,15 +11,6 @@ from dualsynth.models.prior import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN,
 from dualsynth.sampling import draw_noise, pick_codes, sample_fast, sample_naive
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP's wait costs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(arch, cond_dim=0, seed=0):
     torch.manual_seed(seed)
     if arch == "pixelcnn":

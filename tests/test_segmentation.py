@@ -40,15 +40,6 @@ TINY_SET = ["--set", "model.encoder_depth=3", "--set", "model.decoder_channels=[
             "--set", "batch_size=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: a second thread only adds spinning and contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def squares_dataset(out, n_train=8, n_val=4, n_test=4, size=32, seed=0, channels=1, classes=CLASSES,
                     origin="real", noise=0.05, split_names=("train", "val", "test")):
     """Bright squares and grey discs on a dark background; the grey level says the class (plus noise)."""

@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-import torch
 import yaml
 
 from dualsynth.errors import InputError
@@ -17,14 +16,6 @@ from tests.test_segmentation import CLASSES, squares_dataset
 
 TINY_SEG = {"preset": "quick", "set": {"epochs": 1, "crop": 24, "batch_size": 4, "model.encoder_depth": 3,
                                        "model.decoder_channels": [16, 8, 8]}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_study(tmp_path, **changes):

@@ -16,14 +16,6 @@ from dualsynth.models.vqvae import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**kw) -> VQVAEConfig:
     base = dict(hidden=8, res_hidden=4, res_layers=1, embedding_dim=4, num_embeddings=6)
     base.update(kw)
