@@ -117,6 +117,13 @@ class RunFolder:
     def load_checkpoint(self, name: str, map_location: Any = "cpu") -> dict[str, Any]:
         return load_torch(self.checkpoint_path(name), map_location=map_location)
 
+    def load_trained(self, checkpoint: str = "best", map_location: Any = "cpu") -> dict[str, Any]:
+        """The checkpoint a trained model is rebuilt from: ``checkpoint`` (normally ``best``), else ``last``."""
+        name = checkpoint if self.has_checkpoint(checkpoint) else "last"
+        if not self.has_checkpoint(name):
+            raise InputError(self.path, "run has no checkpoint yet (checkpoints/best.pt or last.pt)")
+        return self.load_checkpoint(name, map_location=map_location)
+
     # -- logs ------------------------------------------------------------------------------------------------
     def log(self, row: Mapping[str, Any]) -> None:
         append_csv_row(self.path / self.LOG, row)

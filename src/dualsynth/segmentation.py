@@ -760,11 +760,8 @@ def saved_run_config(run_dir: str | Path) -> tuple[SegTrainConfig, dict[str, Any
 def load_segmenter(run: str | Path, device: str | torch.device = "auto", checkpoint: str = "best") -> UNet:
     """The trained U-Net of a run folder (its `best` checkpoint, else `last`), in eval mode on `device`."""
     folder = RunFolder.open(run, kind=KIND)
-    name = checkpoint if folder.has_checkpoint(checkpoint) else "last"
-    if not folder.has_checkpoint(name):
-        raise InputError(folder.path, "run has no checkpoint yet (checkpoints/best.pt or last.pt)")
     dev = resolve_device(device) if isinstance(device, str) else device
-    ckpt = folder.load_checkpoint(name, map_location=dev)
+    ckpt = folder.load_trained(checkpoint, map_location=dev)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = UNet.from_checkpoint(ckpt)

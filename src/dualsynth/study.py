@@ -30,7 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from dualsynth.config import StrictModel, deep_merge, load_config, validate_config
 from dualsynth.data import DatasetFolder
 from dualsynth.errors import InputError
-from dualsynth.io import read_csv, read_yaml, save_figure, write_csv, write_text, write_yaml
+from dualsynth.io import read_yaml, save_figure, write_csv, write_text, write_yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 EVALUATION = "evaluation"
@@ -681,8 +681,8 @@ def study_report(config: StudyConfig, rows: list[dict[str, Any]], class_names: l
     planned = len(plan_runs(config))
     lines = ["# Segmentation study", ""]
     lines += [
-        f"- base datasets: " + ", ".join(f"{k} (`{v}`)" for k, v in config.bases.items()),
-        f"- synthetic sets: " + (", ".join(f"{k} (`{v}`)" for k, v in config.synthetic.items()) or "none"),
+        "- base datasets: " + ", ".join(f"{k} (`{v}`)" for k, v in config.bases.items()),
+        "- synthetic sets: " + (", ".join(f"{k} (`{v}`)" for k, v in config.synthetic.items()) or "none"),
         f"- synthetic data added: {', '.join(f'{p:g} %' for p in config.percentages)}"
         + (f"; synthetic-only sizes: {', '.join(map(str, config.synthetic_only))} (validated on {config.val_base})"
            if config.synthetic_only else ""),

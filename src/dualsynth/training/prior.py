@@ -495,11 +495,8 @@ class TrainedPrior:
 def load_prior(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str = "best") -> TrainedPrior:
     """The trained prior of a run folder (its `best` checkpoint, else `last`), in eval mode on `device`."""
     run = RunFolder.open(run_dir, kind=KIND)
-    name = checkpoint if run.has_checkpoint(checkpoint) else "last"
-    if not run.has_checkpoint(name):
-        raise InputError(run.path, "run has no checkpoint yet (checkpoints/best.pt or last.pt)")
     device = resolve_device(device) if isinstance(device, str) else device
-    ckpt = run.load_checkpoint(name, map_location=device)
+    ckpt = run.load_trained(checkpoint, map_location=device)
     model = prior_from_checkpoint(ckpt).to(device).eval()
     bank = ckpt.get("cond_bank")
     return TrainedPrior(

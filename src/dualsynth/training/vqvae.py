@@ -165,11 +165,8 @@ def _step_seed(seed: int, step: int) -> int:
 def load_vqvae(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str = "best") -> VQVAE:
     """The trained VQ-VAE of a run folder (its `best` checkpoint, else `last`), in eval mode on `device`."""
     run = RunFolder.open(run_dir, kind=KIND)
-    name = checkpoint if run.has_checkpoint(checkpoint) else "last"
-    if not run.has_checkpoint(name):
-        raise InputError(run.path, "run has no checkpoint yet (checkpoints/best.pt or last.pt)")
     device = resolve_device(device) if isinstance(device, str) else device
-    model = VQVAE.from_checkpoint(run.load_checkpoint(name, map_location=device))
+    model = VQVAE.from_checkpoint(run.load_trained(checkpoint, map_location=device))
     return model.to(device).eval()
 
 
