@@ -1,22 +1,18 @@
 """The paper's experiment over % synthetic data (being split into modules; everything lives in `runner` for now)."""
 
 from dualsynth.study.config import NAME_RE, SegSettings, StudyConfig, TestSet, load_study_config, resolve_paths, seg_config_dict
+from dualsynth.study.plan import EVALUATION, StudyRun, is_finished, plan_runs, run_dir
 from dualsynth.study.runner import (
-    EVALUATION,
     FIGURES,
     METRICS,
     PER_CLASS_FIGURE,
     Point,
-    StudyRun,
     aggregate,
     check_inputs,
     collect_results,
     draw_metric_figure,
     draw_per_class_figure,
     gain_verdict,
-    is_finished,
-    plan_runs,
-    run_dir,
     run_one,
     run_study,
     study_report,
