@@ -170,7 +170,7 @@ def test_far_off_synthetic_only_points_do_not_flatten_the_other_series():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dualsynth.study.runner import Point, _keep_main_series_readable
+    from dualsynth.study.report import Point, _keep_main_series_readable
 
     fig, ax = plt.subplots()
     main = [Point("A", 0, None, 0.880, 0.002, 3, []), Point("A", 50, None, 0.884, 0.001, 3, [])]

@@ -68,4 +68,3 @@ def run_dir(out: str | Path, name: str) -> Path:
 
 def is_finished(out: str | Path, name: str) -> bool:
     return (run_dir(out, name) / EVALUATION / "summary.json").is_file()
-
