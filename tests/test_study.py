@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
@@ -101,14 +100,12 @@ def test_restart_continues_an_unfinished_run(tmp_path):
 def test_synthetic_only_series_and_workers(tmp_path):
     path = write_study(tmp_path, percentages=[0], synthetic_only=[6])
     out = tmp_path / "study"
-    t0 = time.perf_counter()
     summary = run_study(load_study_config(path), out, workers=2, log=lambda _: None, progress=False)
     assert summary["trained"] == 2, summary
     manifest = json.loads((out / "runs" / "synthetic-only-6-seed0" / "manifest.json").read_text())["inputs"]
     assert manifest["tiles"] == {"real_train": 0, "synthetic_train": 6, "val": 4}
     rows = read_csv(out / "results.csv")
     assert {r["series"] for r in rows} == {"HQ", "synthetic-only"}
-    assert time.perf_counter() - t0 < 120
 
 
 def test_ray_backend(tmp_path):
