@@ -189,7 +189,17 @@ def write_classes(path: str | Path, classes: Sequence[ClassInfo]) -> None:
 
 
 def default_classes(num_classes: int) -> list[ClassInfo]:
-    return [ClassInfo(f"class{i}", DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)]) for i in range(num_classes)]
+    """``class0``, ``class1``... in the palette's colours, then in further distinct colours (a dataset folder's
+    classes.yaml needs unique colours)."""
+    colors = list(DEFAULT_PALETTE[:num_classes])
+    k = 0
+    while len(colors) < num_classes:
+        n = (k * 2654435761 + 0x5A5A5A) % (1 << 24)  # an odd multiplier visits every 24-bit colour once
+        k += 1
+        color = (n >> 16, (n >> 8) & 255, n & 255)
+        if color not in colors:
+            colors.append(color)
+    return [ClassInfo(f"class{i}", color) for i, color in enumerate(colors)]
 
 
 def colorize_mask(mask: np.ndarray, classes: Sequence[ClassInfo]) -> np.ndarray:
