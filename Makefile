@@ -8,9 +8,10 @@ DEMO_OUT ?= demo-out
 
 .PHONY: install demo test test-slow test-all bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the exact versions we test with; pyproject.toml only states the supported ranges
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -40,6 +40,26 @@ def test_prepare_writes_a_dataset(tmp_path, capsys):
     assert (tmp_path / "ds" / "manifest.csv").is_file()
 
 
+def test_prepare_says_in_one_line_how_grey_masks_became_classes(tmp_path, capsys):
+    src = tmp_path / "in"
+    for i, values in enumerate([(0, 128, 255), (255, 0)]):
+        mask = np.zeros((32, 32), np.uint8)
+        for k, v in enumerate(values):
+            mask[:, k * 32 // len(values):] = v
+        _pair(src, f"im{i}", np.full((32, 32), 90, np.uint8), mask)
+    code, out, err = run_cli(["prepare", "--images", src, "--out", tmp_path / "ds"], capsys)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if "grey values" in line]
+    assert lines == [f"  masks hold grey values 0, 128, 255: mapped to classes 0..2 (written to {tmp_path / 'ds' / 'classes.yaml'})"]
+    assert "value: 128" in (tmp_path / "ds" / "classes.yaml").read_text()
+    # the dataset's index masks still score against its own classes.yaml, as the README shows
+    masks = tmp_path / "ds" / "masks"
+    code, out, err = run_cli(["evaluate-masks", "--pred", masks, "--truth", masks, "--classes", tmp_path / "ds" / "classes.yaml",
+                              "--out", tmp_path / "scores"], capsys)
+    assert code == 0, err
+    assert "pixel accuracy       100.0 %" in out
+
+
 def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line]
@@ -52,7 +72,7 @@ def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
 @pytest.mark.parametrize(
     "case",
     ["missing_mask", "size_mismatch", "unknown_colour", "value_too_big", "corrupt", "empty_file", "empty_folder",
-     "tile_too_big", "classes_typo", "misspelled_option", "missing_folder"],
+     "tile_too_big", "classes_typo", "misspelled_option", "missing_folder", "too_many_grey_values"],
 )
 def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, capsys):
     src = tmp_path / "in"
@@ -100,6 +120,10 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, capsys):
         _good(src, 1)
         args += ["--tiel", "8"]
         needles = ("--tiel",)
+    elif case == "too_many_grey_values":
+        _good(src, 1)
+        _pair(src, "a", np.zeros((16, 16), np.uint8), np.arange(256, dtype=np.uint8).reshape(16, 16))
+        needles = ("a_mask.png", "more than 32 distinct grey values", "not index masks", "classes.yaml")
     else:  # missing_folder
         needles = (str(src), "not found")
     code, _, err = run_cli(args, capsys)

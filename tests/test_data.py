@@ -22,6 +22,7 @@ from dualsynth.data import (
     mask_to_index,
     normalise_image,
     prepare,
+    read_classes,
     split,
     tile_origins,
 )
@@ -238,3 +239,104 @@ def test_split_file_in_nasa_style(tmp_path):
     assert {r.source: r.split for r in ds.records()} == {"img 0.tif": "train", "img 1.tif": "train", "img 2.tif": "test"}
     with pytest.raises(InputError, match="--split-set"):
         prepare(PrepareOptions(images=src, out=tmp_path / "ds2", splits=tmp_path / "splits.json", num_classes=3), progress=False)
+
+
+# --- grey masks without classes.yaml ------------------------------------------------------------------------
+
+
+def _grey_masks(tmp_path: Path, *value_sets: tuple[int, ...]) -> Path:
+    """One 32x32 image per value set, its mask in vertical bands of those grey values (left to right)."""
+    folder = tmp_path / "grey"
+    for i, values in enumerate(value_sets):
+        mask = np.zeros((32, 32), np.uint8)
+        for k, v in enumerate(values):
+            mask[:, k * 32 // len(values):] = v
+        _write(folder / f"m{i}.png", np.full((32, 32), 90, np.uint8))
+        _write(folder / f"m{i}_mask.png", mask)
+    return folder
+
+
+def _masks_by_source(out: Path) -> dict[str, np.ndarray]:
+    ds = DatasetFolder(out)
+    return {r.source: ds.load_mask(r) for r in ds.records()}
+
+
+def test_grey_masks_without_classes_map_their_values_to_classes_in_order(tmp_path, capsys):
+    src = _grey_masks(tmp_path, (0, 128, 255), (255, 0))
+    summary = prepare(PrepareOptions(images=src, out=tmp_path / "ds"), progress=False)
+    assert capsys.readouterr().out == ""  # the Python API stays quiet; the CLI prints the summary
+    assert summary["grey_values"] == [0, 128, 255] and summary["grey_values_in_classes_yaml"]
+    assert [(c.name, c.value) for c in read_classes(tmp_path / "ds" / "classes.yaml")] == [
+        ("class0", 0), ("class1", 128), ("class2", 255)]
+    masks = _masks_by_source(tmp_path / "ds")
+    raw = {n: np.asarray(Image.open(src / n.replace(".png", "_mask.png"))) for n in masks}
+    lut = {0: 0, 128: 1, 255: 2}
+    for name, mask in masks.items():
+        assert mask.tolist() == np.vectorize(lut.get)(raw[name]).tolist()
+    assert set(summary["class_fractions"]) == {"class0", "class1", "class2"}
+
+
+def test_binary_masks_saved_as_0_and_255_give_two_classes(tmp_path):
+    summary = prepare(PrepareOptions(images=_grey_masks(tmp_path, (0, 255), (255, 0)), out=tmp_path / "ds"), progress=False)
+    assert summary["grey_values"] == [0, 255]
+    ds = DatasetFolder(tmp_path / "ds")
+    assert ds.num_classes == 2 and [c.value for c in ds.classes] == [0, 255]
+    assert sorted(np.unique(np.concatenate([m.ravel() for m in _masks_by_source(tmp_path / "ds").values()]))) == [0, 1]
+
+
+def test_grey_values_are_collected_over_the_whole_dataset(tmp_path):
+    src = _grey_masks(tmp_path, (0, 100), (0, 200))
+    summary = prepare(PrepareOptions(images=src, out=tmp_path / "ds"), progress=False)
+    assert summary["grey_values"] == [0, 100, 200]
+    masks = _masks_by_source(tmp_path / "ds")
+    assert np.unique(masks["m0.png"]).tolist() == [0, 1]
+    assert np.unique(masks["m1.png"]).tolist() == [0, 2]  # B's 200 is class 2, not class 1
+    assert DatasetFolder(tmp_path / "ds").num_classes == 3
+
+
+def test_masks_holding_class_indices_stay_as_they_are(tmp_path):
+    src = _grey_masks(tmp_path, (0, 1), (2, 1, 0))
+    summary = prepare(PrepareOptions(images=src, out=tmp_path / "ds"), progress=False)
+    assert summary["grey_values"] == [] and not summary["grey_values_in_classes_yaml"]
+    ds = DatasetFolder(tmp_path / "ds")
+    assert ds.num_classes == 3 and all(c.value is None for c in ds.classes)
+    masks = _masks_by_source(tmp_path / "ds")
+    assert masks["m1.png"].tolist() == np.asarray(Image.open(src / "m1_mask.png")).tolist()
+
+
+def test_num_classes_keeps_mask_values_as_class_indices(tmp_path):
+    src = _grey_masks(tmp_path, (0, 255))
+    with pytest.raises(InputError, match="mask value 255 >= number of classes 3"):
+        prepare(PrepareOptions(images=src, out=tmp_path / "ds", num_classes=3), progress=False)
+    summary = prepare(PrepareOptions(images=src, out=tmp_path / "ds", num_classes=256), progress=False)
+    assert summary["grey_values"] == [] and np.unique(_masks_by_source(tmp_path / "ds")["m0.png"]).tolist() == [0, 255]
+
+
+def test_more_than_32_grey_values_over_the_dataset_is_not_an_index_mask(tmp_path):
+    src = _grey_masks(tmp_path, tuple(range(0, 160, 10)), tuple(range(5, 175, 10)), (0, 255))
+    with pytest.raises(InputError, match="more than 32 distinct grey values") as exc:
+        prepare(PrepareOptions(images=src, out=tmp_path / "ds"), progress=False)
+    assert Path(exc.value.path).name == "m1_mask.png"  # the mask that brings the count past 32
+    assert not (tmp_path / "ds").exists()
+
+
+def test_grey_values_that_are_also_class_indices_are_mapped_but_not_written_as_values(tmp_path):
+    src = _grey_masks(tmp_path, (1, 2, 3))  # labels counted from 1: value 2 would be class 1, index 2 class 2
+    summary = prepare(PrepareOptions(images=src, out=tmp_path / "ds"), progress=False)
+    assert summary["grey_values"] == [1, 2, 3] and not summary["grey_values_in_classes_yaml"]
+    ds = DatasetFolder(tmp_path / "ds")
+    assert all(c.value is None for c in ds.classes)
+    assert np.unique(_masks_by_source(tmp_path / "ds")["m0.png"]).tolist() == [0, 1, 2]
+
+
+def test_index_masks_read_with_a_classes_yaml_listing_grey_values():
+    classes = [ClassInfo("m", (0, 0, 0), value=0), ClassInfo("o", (255, 0, 0), value=128), ClassInfo("n", (0, 255, 0), value=255)]
+    # a dataset folder's index masks next to its classes.yaml: all values are class indices, 1 is no listed value
+    assert mask_to_index(np.array([[0, 1, 2]], np.uint8), classes, "m").tolist() == [[0, 1, 2]]
+    with pytest.raises(InputError, match="is not a 'value' in classes.yaml"):
+        mask_to_index(np.array([[0, 1, 7]], np.uint8), classes, "m")
+    with_default = [ClassInfo("m", (0, 0, 0), default=True, value=0), *classes[1:]]
+    assert mask_to_index(np.array([[0, 1, 2]], np.uint8), with_default, "m").tolist() == [[0, 0, 0]]  # as before
+    clash = [ClassInfo("a", (0, 0, 0), value=1), ClassInfo("b", (255, 0, 0), value=2), ClassInfo("c", (0, 255, 0), value=3)]
+    with pytest.raises(InputError, match="mask value 0 is not a 'value'"):
+        mask_to_index(np.array([[0, 1, 2]], np.uint8), clash, "m")

@@ -55,6 +55,12 @@ def _print_summary(summary: dict, out: Path) -> None:
     for path in summary.get("skipped_unpaired", []):
         click.echo(f"warning: {path}: no partner, left out", err=True)
     click.echo(f"wrote {summary['tiles']} tiles from {summary['images']} images to {out}")
+    if summary.get("grey_values"):
+        values = summary["grey_values"]
+        where = (f"written to {out / 'classes.yaml'}" if summary.get("grey_values_in_classes_yaml")
+                 else "not recorded in classes.yaml: these values are also class indices")
+        click.echo(f"  masks hold grey value{'s' if len(values) > 1 else ''} {', '.join(map(str, values))}: "
+                   f"mapped to class{'es 0..' if len(values) > 1 else ' '}{len(values) - 1} ({where})")
     click.echo("  tiles per split: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["tiles_per_split"].items())))
     if summary.get("dropped_tiles"):
         click.echo(f"  dropped {summary['dropped_tiles']} tiles with fewer classes than --min-classes")
@@ -66,7 +72,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 @click.option("--masks", type=click.Path(), help="Folder of masks, paired with the images by file stem (a _mask suffix is allowed).")
 @click.option("--out", required=True, type=click.Path(), help="Dataset folder to write.")
 @click.option("--classes", "classes_file", type=click.Path(), help="classes.yaml: class names, their colours in colour masks, optional 'default: true' class.")
-@click.option("--num-classes", type=int, help="Number of classes of index masks without classes.yaml (default: largest index + 1).")
+@click.option("--num-classes", type=int, help="Number of classes of index masks without classes.yaml (default: largest index + 1, or one class per grey value when the masks hold other values than 0..C-1).")
 @click.option("--tile", type=int, help="Cut images into square tiles of this size (px).")
 @click.option("--stride", type=int, help="Step between tiles (default: --tile, no overlap).")
 @click.option("--min-classes", type=int, default=1, show_default=True, help="Drop tiles showing fewer classes (2 drops matrix-only tiles, as the paper did).")

@@ -4,7 +4,7 @@ A dataset folder (written by ``prepare``, ``demo-data`` and ``sample``) holds::
 
     images/NAME.png   micrograph, 8- or 16-bit, grey or RGB
     masks/NAME.png    uint8 class-index map
-    classes.yaml      class names and display colours, in class order
+    classes.yaml      class names and display colours, in class order (+ source grey values)
     manifest.csv      file, split, source, tile_y, tile_x, origin, quality (+ extra columns)
 
 The joint image of the paper (micrograph channels plus a mask channel) is built by :func:`join` and taken
@@ -32,6 +32,8 @@ logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 MANIFEST_FIELDS = ["file", "split", "source", "tile_y", "tile_x", "origin", "quality"]
 MASK_ENCODINGS = ("levels", "onehot")
+# grey masks without classes.yaml holding more distinct values than this (over the dataset) are not index masks
+MAX_GREY_VALUES = 32
 
 # distinct display colours for index masks that come without a classes.yaml
 DEFAULT_PALETTE = [
@@ -185,11 +187,31 @@ def _parse_hex(path: Path, text: str) -> tuple[int, int, int]:
 
 
 def write_classes(path: str | Path, classes: Sequence[ClassInfo]) -> None:
-    write_yaml(path, {"classes": [ClassInfo(c.name, c.color).to_dict() for c in classes]})
+    """Write a dataset folder's ``classes.yaml``: names, colours and the grey ``value`` each class had in the
+    source masks. The folder's masks hold class indices, so values are left out when one of them is the index
+    of another class (an index mask could then be read through the values by mistake)."""
+    keep_values = not _values_clash(classes)
+    write_yaml(path, {"classes": [ClassInfo(c.name, c.color, value=c.value if keep_values else None).to_dict()
+                                  for c in classes]})
+
+
+def _values_clash(classes: Sequence[ClassInfo]) -> bool:
+    """True when a class's grey ``value`` is the index of another class."""
+    return any(c.value is not None and 0 <= c.value < len(classes) and c.value != i for i, c in enumerate(classes))
 
 
 def default_classes(num_classes: int) -> list[ClassInfo]:
-    return [ClassInfo(f"class{i}", DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)]) for i in range(num_classes)]
+    """``class0``, ``class1``... in the palette's colours, then in further distinct colours (a dataset folder's
+    classes.yaml needs unique colours)."""
+    colors = list(DEFAULT_PALETTE[:num_classes])
+    k = 0
+    while len(colors) < num_classes:
+        n = (k * 2654435761 + 0x5A5A5A) % (1 << 24)  # an odd multiplier visits every 24-bit colour once
+        k += 1
+        color = (n >> 16, (n >> 8) & 255, n & 255)
+        if color not in colors:
+            colors.append(color)
+    return [ClassInfo(f"class{i}", color) for i, color in enumerate(colors)]
 
 
 def colorize_mask(mask: np.ndarray, classes: Sequence[ClassInfo]) -> np.ndarray:
@@ -538,9 +560,11 @@ def find_pairs(images: str | Path, masks: str | Path | None = None, skip_unpaire
 def mask_to_index(mask: np.ndarray, classes: Sequence[ClassInfo] | None, path: str | Path) -> np.ndarray:
     """A mask as stored -> uint8 class indices.
 
-    Index maps (one channel) are used as they are, or through the classes' ``value`` when given. Colour masks
-    (RGB/RGBA) are mapped by the classes' colours; the ``default`` class takes every other colour, and without
-    one an unlisted colour is an error.
+    Index maps (one channel) are used as they are, or through the classes' ``value`` when given. A one-channel
+    mask whose values are all class indices, some of them no listed ``value``, is an index map too (the masks
+    of a dataset folder next to its ``classes.yaml``), unless a class is the ``default`` or a value is the
+    index of another class. Colour masks (RGB/RGBA) are mapped by the classes' colours; the ``default`` class
+    takes every other colour, and without one an unlisted colour is an error.
     """
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[2] == 4:
@@ -554,6 +578,8 @@ def mask_to_index(mask: np.ndarray, classes: Sequence[ClassInfo] | None, path: s
                 raise InputError(path, "mask has non-integer values; masks must hold class indices or colours")
         values = mask.astype(np.int64)
         if classes is not None and any(c.value is not None for c in classes):
+            if _is_index_map(values, classes):
+                return values.astype(np.uint8)
             return _map_values(values, classes, path)
         if values.min() < 0:
             raise InputError(path, "mask has negative values")
@@ -590,6 +616,15 @@ def mask_to_index(mask: np.ndarray, classes: Sequence[ClassInfo] | None, path: s
 
 def _is_colour(color: Sequence[int]) -> bool:
     return not (color[0] == color[1] == color[2])
+
+
+def _is_index_map(values: np.ndarray, classes: Sequence[ClassInfo]) -> bool:
+    """An index mask given with classes that list grey values: see :func:`mask_to_index`."""
+    if values.size == 0 or any(c.default for c in classes) or _values_clash(classes):
+        return False
+    distinct = np.unique(values)
+    listed = [c.value for c in classes if c.value is not None]
+    return bool(distinct[0] >= 0 and distinct[-1] < len(classes) and not np.isin(distinct, listed).all())
 
 
 def _map_values(values: np.ndarray, classes: Sequence[ClassInfo], path: str | Path) -> np.ndarray:
@@ -742,7 +777,13 @@ class PrepareOptions:
 
 
 def prepare(opts: PrepareOptions, progress: bool = True) -> dict[str, Any]:
-    """Build a dataset folder from a folder of micrographs and masks. Returns a summary (counts, fractions)."""
+    """Build a dataset folder from a folder of micrographs and masks. Returns a summary (counts, fractions).
+
+    Grey masks without classes (no classes.yaml, no ``num_classes``) that do not hold the class indices
+    0..C-1 have their distinct values, over the whole dataset, mapped to classes 0..C-1 in increasing order;
+    the classes record them as ``value`` and the summary's ``grey_values`` lists them. More than
+    ``MAX_GREY_VALUES`` distinct values is an error (not index masks).
+    """
     skipped: list[Path] = []
     pairs = find_pairs(opts.images, opts.masks, opts.skip_unpaired, skipped)
     if not pairs:
@@ -776,6 +817,8 @@ def prepare(opts: PrepareOptions, progress: bool = True) -> dict[str, Any]:
     loaded = []
     want_rgb = False
     max_index = 0
+    collect_values = classes is None and opts.num_classes is None
+    seen = np.zeros(256, dtype=bool)  # grey values met so far (mask_to_index returns uint8)
     for pair in progress_bar(pairs, enabled=progress, desc="reading", leave=False):
         image = read_image(pair.image)
         mask_raw = read_image(pair.mask)
@@ -785,6 +828,11 @@ def prepare(opts: PrepareOptions, progress: bool = True) -> dict[str, Any]:
         if opts.num_classes is not None and mask.max() >= opts.num_classes:
             raise InputError(pair.mask, f"mask value {int(mask.max())} >= number of classes {opts.num_classes}")
         max_index = max(max_index, int(mask.max()))
+        if collect_values:
+            seen[np.unique(mask)] = True
+            if seen.sum() > MAX_GREY_VALUES:
+                raise InputError(pair.mask, f"masks hold more than {MAX_GREY_VALUES} distinct grey values (this one "
+                                 "included): not index masks; give classes and their values in a classes.yaml (--classes)")
         if opts.tile is not None and (opts.tile > image.shape[0] or opts.tile > image.shape[1]):
             raise InputError(pair.image, f"tile {opts.tile} px is larger than the image ({image.shape[1]}x{image.shape[0]})")
         if opts.channels == "rgb" or (opts.channels == "auto" and image.ndim == 3 and image.shape[2] >= 3 and not (
@@ -792,7 +840,16 @@ def prepare(opts: PrepareOptions, progress: bool = True) -> dict[str, Any]:
             want_rgb = True
         loaded.append((pair, image, mask))
     channels = "rgb" if want_rgb else "grey"
-    if classes is None:
+    grey_values = np.flatnonzero(seen).tolist()
+    remap = collect_values and grey_values != list(range(len(grey_values)))
+    if remap:
+        lut = np.zeros(256, dtype=np.uint8)
+        lut[grey_values] = np.arange(len(grey_values))
+        loaded = [(pair, image, lut[mask]) for pair, image, mask in loaded]
+        classes = default_classes(max(len(grey_values), 2))
+        for c, v in zip(classes, grey_values):
+            c.value = v
+    elif classes is None:
         classes = default_classes(opts.num_classes or max(max_index + 1, 2))
 
     counts = np.zeros(len(classes), dtype=np.int64)
@@ -829,6 +886,9 @@ def prepare(opts: PrepareOptions, progress: bool = True) -> dict[str, Any]:
         "bit_depth": 16 if any(img.dtype != np.uint8 for _, img, _ in loaded) else 8,
         "channels": 3 if want_rgb else 1,
         "class_fractions": {c.name: float(f) for c, f in zip(classes, fractions)},
+        # grey values mapped to classes 0..C-1 (empty when the masks held class indices or classes were given)
+        "grey_values": grey_values if remap else [],
+        "grey_values_in_classes_yaml": remap and not _values_clash(classes),
     }
 
 
