@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `--threads auto` (every command's default) resolves to this count in the tests
+os.environ.setdefault("DUALSYNTH_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

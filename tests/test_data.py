@@ -18,12 +18,12 @@ from dualsynth.data import (
     PrepareOptions,
     assign_splits,
     find_pairs,
-    join,
+    join_pair,
     mask_to_index,
     normalise_image,
     prepare,
     read_classes,
-    split,
+    split_joint,
     tile_origins,
 )
 from dualsynth.errors import InputError
@@ -45,33 +45,33 @@ def test_join_split_round_trip_is_exact(num_classes, channels, h, w, encoding, s
     rng = np.random.default_rng(seed)
     image = torch.from_numpy(rng.random((channels, h, w), dtype=np.float32))
     mask = torch.from_numpy(rng.integers(0, num_classes, (h, w)))
-    joint = join(image, mask, num_classes, encoding)
+    joint = join_pair(image, mask, num_classes, encoding)
     assert joint.shape == (channels + (1 if encoding == "levels" else num_classes), h, w)
-    image2, mask2 = split(joint, num_classes, encoding)
+    image2, mask2 = split_joint(joint, num_classes, encoding)
     assert torch.equal(image2, image)
     assert torch.equal(mask2, mask)
 
 
 def test_levels_are_k_over_c_minus_one_and_split_takes_nearest_level():
     mask = torch.tensor([[0, 1], [2, 3]])
-    joint = join(torch.zeros(1, 2, 2), mask, 4)
+    joint = join_pair(torch.zeros(1, 2, 2), mask, 4)
     assert torch.allclose(joint[1], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
     # a decoded mask channel is never exact: values snap to the nearest level
     noisy = joint.clone()
     noisy[1] += torch.tensor([[0.15, -0.16], [0.1, -0.05]])
-    assert torch.equal(split(noisy, 4)[1], mask)
+    assert torch.equal(split_joint(noisy, 4)[1], mask)
 
 
 def test_join_accepts_numpy_hwc_and_batches():
     image = np.random.default_rng(0).random((5, 6, 3), dtype=np.float32)
     mask = np.zeros((5, 6), dtype=np.int64)
-    joint = join(image, mask, 3)
+    joint = join_pair(image, mask, 3)
     assert joint.shape == (4, 5, 6)
     assert torch.allclose(joint[:3], torch.from_numpy(image).permute(2, 0, 1))
-    batch = join(torch.rand(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), 2, "onehot")
+    batch = join_pair(torch.rand(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), 2, "onehot")
     assert batch.shape == (2, 3, 4, 4)
     with pytest.raises(ValueError):
-        join(image, np.full((5, 6), 3), 3)
+        join_pair(image, np.full((5, 6), 3), 3)
 
 
 # --- pairing and masks --------------------------------------------------------------------------------------

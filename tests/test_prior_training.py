@@ -12,8 +12,8 @@ import torch
 from dualsynth.data import ClassInfo, DatasetFolder, DatasetWriter
 from dualsynth.errors import InputError
 from dualsynth.io import read_csv, read_image
-from dualsynth.postprocess import clean_mask
-from dualsynth.sampling import (
+from dualsynth.engine import scheduled_lr
+from dualsynth.synthetic import (
     inspect_synthetic,
     parse_phase_fractions,
     raw_mask_classes,
@@ -24,14 +24,18 @@ from dualsynth.training.prior import (
     PRESETS,
     PriorTrainConfig,
     cell_fractions,
-    learning_rate,
+    code_batch,
     load_prior,
-    make_batch,
     train_prior,
 )
 from dualsynth.training.vqvae import VQVAETrainConfig, encode_dataset, train_vqvae
 
 from .helpers import run_cli
+
+
+def _lr(config, step):
+    return scheduled_lr(config.lr, config.lr_schedule, step, config.steps)
+
 
 
 CLASSES = [ClassInfo("matrix", (0, 0, 0)), ClassInfo("a", (255, 0, 0)), ClassInfo("b", (0, 255, 0))]
@@ -116,16 +120,16 @@ def test_cell_fractions_and_conditioned_batches():
     from dualsynth.training.prior import EncodedTiles
 
     data = EncodedTiles(torch.arange(2 * 4 * 4).view(2, 4, 4) % 5, torch.rand(2, 3, 4, 4), ["a", "b"])
-    z, cond = make_batch(data, np.array([1, 0, 1]), 2, seed=0, step=3, conditioned=True)
-    z2, cond2 = make_batch(data, np.array([1, 0, 1]), 2, seed=0, step=3, conditioned=True)
+    z, cond = code_batch(data, np.array([1, 0, 1]), 2, seed=0, step=3, conditioned=True)
+    z2, cond2 = code_batch(data, np.array([1, 0, 1]), 2, seed=0, step=3, conditioned=True)
     assert z.shape == (3, 2, 2) and cond.shape == (3, 3)
     assert torch.equal(z, z2) and torch.equal(cond, cond2)
     # the conditioning is the mean class fraction over exactly the cropped cells
     for k in range(3):
         hits = [(t, l) for t in range(3) for l in range(3) if torch.equal(data.codes[[1, 0, 1][k], t : t + 2, l : l + 2], z[k])]
         assert any(torch.allclose(data.cells[[1, 0, 1][k], :, t : t + 2, l : l + 2].mean((-2, -1)), cond[k]) for t, l in hits)
-    assert learning_rate(tiny(lr_schedule="cosine"), 0) == pytest.approx(3e-3)
-    assert learning_rate(tiny(lr_schedule="cosine", steps=20), 19) == pytest.approx(3e-3 * 0.05)
+    assert _lr(tiny(lr_schedule="cosine"), 0) == pytest.approx(3e-3)
+    assert _lr(tiny(lr_schedule="cosine", steps=20), 19) == pytest.approx(3e-3 * 0.05)
 
 
 def test_training_learns_and_writes_the_run(prior, vqvae):
@@ -176,7 +180,7 @@ def test_training_from_encode_output(vqvae, dataset, tmp_path):
 def test_sample_writes_a_dataset_folder_and_inspect_reports(prior, dataset, tmp_path):
     run, _ = prior
     out = tmp_path / "syn"
-    summary = sample_dataset(run, out, 5, clean=clean_mask, seed=3, batch_size=2, min_object_area=4, progress=False)
+    summary = sample_dataset(run, out, 5, seed=3, batch_size=2, min_object_area=4, progress=False)
     folder = DatasetFolder(out)
     recs = folder.records()
     assert len(recs) == 5 and {r.origin for r in recs} == {"synthetic"} and {r.split for r in recs} == {"train"}
@@ -188,7 +192,7 @@ def test_sample_writes_a_dataset_folder_and_inspect_reports(prior, dataset, tmp_
         assert npz["codes"].shape == (5, 8, 8) and npz["cond"].shape == (5, 3)
     assert (out / "grid.png").is_file() and summary["distinct_z_matrices"] == 5
     # a sample depends on (seed, index) only: another batch size gives the same z-matrices
-    again = sample_dataset(run, tmp_path / "syn2", 3, clean=clean_mask, seed=3, batch_size=3, min_object_area=4, progress=False)
+    again = sample_dataset(run, tmp_path / "syn2", 3, seed=3, batch_size=3, min_object_area=4, progress=False)
     with np.load(out / "codes.npz") as a, np.load(tmp_path / "syn2" / "codes.npz") as b:
         assert np.array_equal(a["codes"][:3], b["codes"])
     assert again["n"] == 3
@@ -205,7 +209,7 @@ def test_sample_writes_a_dataset_folder_and_inspect_reports(prior, dataset, tmp_
 
 def test_phase_fractions_steer_a_conditioned_prior(prior, tmp_path):
     run, _ = prior
-    summary = sample_dataset(run, tmp_path / "rich", 2, clean=clean_mask, phase_fractions="0.1,0.1,0.8",
+    summary = sample_dataset(run, tmp_path / "rich", 2, phase_fractions="0.1,0.1,0.8",
                              min_object_area=0, progress=False)
     assert summary["phase_fractions"] == pytest.approx([0.1, 0.1, 0.8])
     with np.load(tmp_path / "rich" / "codes.npz") as npz:
@@ -215,7 +219,7 @@ def test_phase_fractions_steer_a_conditioned_prior(prior, tmp_path):
 def test_phase_fractions_need_a_conditioned_prior_and_valid_values(vqvae, tmp_path):
     train_prior(vqvae, tmp_path / "plain", tiny(steps=2), device="cpu", progress=False)
     with pytest.raises(InputError, match="without conditioning"):
-        sample_dataset(tmp_path / "plain", tmp_path / "x", 1, clean=clean_mask, phase_fractions="0.5,0.5,0")
+        sample_dataset(tmp_path / "plain", tmp_path / "x", 1, phase_fractions="0.5,0.5,0")
     with pytest.raises(InputError, match="3 fractions"):
         parse_phase_fractions("0.5,0.5", 3)
     with pytest.raises(InputError, match="sum to 1"):

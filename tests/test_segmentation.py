@@ -20,7 +20,7 @@ from dualsynth.segmentation import (
     draw_synthetic,
     evaluate,
     load_segmenter,
-    make_batch,
+    tile_batch,
     paper_augmentation,
     predict,
     select_training_data,
@@ -196,11 +196,11 @@ def test_paper_augmentation_is_seeded_and_keeps_masks(tmp_path, channels):
     folder = DatasetFolder(squares_dataset(tmp_path / "d", channels=channels))
     cache = TileCache([(folder, r) for r in folder.records("train")])
     aug = paper_augmentation(channels)
-    x1, y1 = make_batch(cache, [0, 1, 2], 24, True, aug, seed=0, epoch=1)
-    x2, y2 = make_batch(cache, [0, 1, 2], 24, True, aug, seed=0, epoch=1)
+    x1, y1 = tile_batch(cache, [0, 1, 2], 24, True, aug, seed=0, epoch=1)
+    x2, y2 = tile_batch(cache, [0, 1, 2], 24, True, aug, seed=0, epoch=1)
     assert x1.shape == (3, channels, 24, 24) and y1.shape == (3, 24, 24)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    plain, y0 = make_batch(cache, [0, 1, 2], 24, True, None, seed=0, epoch=1)
+    plain, y0 = tile_batch(cache, [0, 1, 2], 24, True, None, seed=0, epoch=1)
     assert torch.equal(y0, y1)  # photometric only: the masks are untouched
     assert not torch.equal(plain, x1)
     assert float(x1.min()) >= 0 and float(x1.max()) <= 1

@@ -206,7 +206,7 @@ def test_joint_images_round_trip_through_data_join_split(encoding):
     num_classes = 4
     image = rng.random((16, 16, 1), dtype=np.float32)
     mask = rng.integers(0, num_classes, (16, 16))
-    joint = data.join(image, mask, num_classes, encoding)
+    joint = data.join_pair(image, mask, num_classes, encoding)
     config = tiny_config(num_classes=num_classes, mask_encoding=encoding, image_channels=1)
     assert joint.shape == (config.in_channels, 16, 16)
     model = VQVAE(config).eval()
@@ -214,8 +214,8 @@ def test_joint_images_round_trip_through_data_join_split(encoding):
     assert recon.shape == joint.shape
     # what the report relies on: a reconstruction within half a level of the input splits to the true mask
     noise = (torch.rand_like(joint) - 0.5) * (0.9 / (num_classes - 1) if encoding == "levels" else 0.4)
-    back_image, back_mask = data.split(joint + noise * (torch.arange(joint.shape[0]) >= 1)[:, None, None], num_classes, encoding)
+    back_image, back_mask = data.split_joint(joint + noise * (torch.arange(joint.shape[0]) >= 1)[:, None, None], num_classes, encoding)
     assert np.array_equal(np.asarray(back_mask), mask)
-    exact_image, exact_mask = data.split(joint, num_classes, encoding)
+    exact_image, exact_mask = data.split_joint(joint, num_classes, encoding)
     assert np.array_equal(np.asarray(exact_mask), mask)
     assert np.allclose(np.asarray(exact_image).reshape(16, 16, -1), image, atol=1e-6)

@@ -8,22 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from dualsynth.data import ClassInfo, DatasetFolder, DatasetWriter, join
+from dualsynth.data import ClassInfo, DatasetFolder, DatasetWriter, join_pair, joint_to_pairs
+from dualsynth.engine import scheduled_lr, step_batch
 from dualsynth.errors import InputError
 from dualsynth.io import read_csv
+from dualsynth.models.vqvae import decode, encode, load_vqvae, reconstruct
 from dualsynth.training.vqvae import (
     PRESETS,
     VQVAETrainConfig,
-    batch_indices,
-    decode,
-    encode,
     encode_dataset,
-    learning_rate,
-    load_vqvae,
-    make_batch,
-    reconstruct,
+    joint_batch,
     report_vqvae,
-    split_joint,
     train_vqvae,
 )
 
@@ -81,24 +76,25 @@ def test_config_files_spell_out_their_presets(name):
 
 
 def test_batches_are_a_function_of_seed_and_step():
-    a = batch_indices(10, 4, seed=3, step=7)
-    assert np.array_equal(a, batch_indices(10, 4, seed=3, step=7))
-    assert not np.array_equal(a, batch_indices(10, 4, seed=4, step=7))
+    a = step_batch(10, 4, seed=3, step=7)
+    assert np.array_equal(a, step_batch(10, 4, seed=3, step=7))
+    assert not np.array_equal(a, step_batch(10, 4, seed=4, step=7))
     # one epoch (steps 0..4 of batch 2 over 10 tiles) visits every tile once
-    epoch = np.concatenate([batch_indices(10, 2, 0, s) for s in range(5)])
+    epoch = np.concatenate([step_batch(10, 2, 0, s) for s in range(5)])
     assert sorted(epoch.tolist()) == list(range(10))
     tiles = torch.rand(10, 2, 12, 12)
-    x = make_batch(tiles, a, tile=8, augment=True, seed=3, step=7)
+    x = joint_batch(tiles, a, tile=8, augment=True, seed=3, step=7)
     assert x.shape == (4, 2, 8, 8)
-    assert torch.equal(x, make_batch(tiles, a, tile=8, augment=True, seed=3, step=7))
+    assert torch.equal(x, joint_batch(tiles, a, tile=8, augment=True, seed=3, step=7))
 
 
 def test_cosine_learning_rate_ends_at_five_percent():
     config = tiny_config(steps=11, lr=1.0, lr_schedule="cosine")
-    assert learning_rate(config, 0) == pytest.approx(1.0)
-    assert learning_rate(config, 5) == pytest.approx(0.05 + 0.95 * 0.5)
-    assert learning_rate(config, 10) == pytest.approx(0.05)
-    assert learning_rate(tiny_config(lr=0.3), 7) == 0.3
+    assert scheduled_lr(config.lr, config.lr_schedule, 0, config.steps) == pytest.approx(1.0)
+    assert scheduled_lr(config.lr, config.lr_schedule, 5, config.steps) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert scheduled_lr(config.lr, config.lr_schedule, 10, config.steps) == pytest.approx(0.05)
+    constant = tiny_config(lr=0.3)
+    assert scheduled_lr(constant.lr, constant.lr_schedule, 7, constant.steps) == 0.3
 
 
 def test_training_lowers_the_loss_and_writes_the_run(dataset, tmp_path):
@@ -164,14 +160,14 @@ def test_python_api_round_trip(trained, dataset):
     assert not model.training and model.config.mask_encoding == "onehot" and model.config.num_classes == 3
     folder = DatasetFolder(dataset)
     rec = folder.records("val")[0]
-    joint = join(folder.load_image(rec), folder.load_mask(rec), 3, "onehot")
+    joint = join_pair(folder.load_image(rec), folder.load_mask(rec), 3, "onehot")
     codes = encode(model, joint)
     assert codes.shape == (8, 8) and codes.dtype == torch.long
     assert torch.equal(encode(model, joint[None])[0], codes)
     out = decode(model, codes)
     assert out.shape == joint.shape
     assert torch.allclose(reconstruct(model, joint), out)
-    (image, mask), = split_joint(model, out[None])
+    (image, mask), = joint_to_pairs(out[None], model.config.num_classes, model.config.mask_encoding)
     assert image.shape == (32, 32, 1) and mask.shape == (32, 32)
     assert 0 <= image.min() and image.max() <= 1 and set(np.unique(mask)) <= {0, 1, 2}
 
@@ -184,7 +180,7 @@ def test_encode_dataset_writes_z_matrices_per_split(trained, dataset, tmp_path):
     model = load_vqvae(trained, "cpu")
     folder = DatasetFolder(dataset)
     rec = folder.records("train")[2]
-    joint = join(folder.load_image(rec), folder.load_mask(rec), 3, "onehot")
+    joint = join_pair(folder.load_image(rec), folder.load_mask(rec), 3, "onehot")
     assert np.array_equal(train["codes"][2], encode(model, joint).numpy())
     assert (tmp_path / "z/figure9.png").is_file() and (tmp_path / "z/encode.json").is_file()
 
@@ -198,8 +194,8 @@ def test_report_scores_the_reconstructed_masks(trained, dataset, capsys):
     correct = total = 0
     for rec in folder.records("val"):
         true_mask = folder.load_mask(rec)
-        joint = join(folder.load_image(rec), true_mask, 3, "onehot")
-        (_, mask), = split_joint(model, reconstruct(model, joint)[None])
+        joint = join_pair(folder.load_image(rec), true_mask, 3, "onehot")
+        (_, mask), = joint_to_pairs(reconstruct(model, joint)[None], model.config.num_classes, model.config.mask_encoding)
         correct += int((mask == true_mask).sum())
         total += true_mask.size
     assert report["mask_pixel_accuracy"] == pytest.approx(correct / total)

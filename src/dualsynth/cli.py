@@ -40,6 +40,14 @@ def device_option(f):
     )(f)
 
 
+def threads_option(f):
+    return click.option(
+        "--threads", default="auto", show_default=True, metavar="auto|N",
+        help="CPU threads for torch: auto (the cores this process may use, less those other work keeps busy; "
+             "see docs/benchmarks.md) or a number.",
+    )(f)
+
+
 def existing_dir(_ctx, param, value):
     """click callback: the folder must exist (one-line error naming it otherwise)."""
     if value is None:
@@ -124,24 +132,6 @@ def demo_data(out, n, size, seed, grey, overwrite):
 # --- end data ---
 
 # --- metrics ---
-def _mask_files_by_stem(folder: Path) -> dict[str, Path]:
-    """Image files of a folder keyed by stem (a `_mask`-like suffix dropped); two files for one stem is an error."""
-    from dualsynth.data import MASK_SUFFIX_RE
-    from dualsynth.io import IMAGE_SUFFIXES
-
-    files: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        stem = MASK_SUFFIX_RE.sub("", p.stem)
-        if stem in files:
-            raise InputError(p, f"two files for the stem '{stem}' ({files[stem].name})")
-        files[stem] = p
-    if not files:
-        raise InputError(folder, "no mask files found (.png, .tif, .jpg, .bmp)")
-    return files
-
-
 def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
     if not overwrite:
         for p in paths:
@@ -149,35 +139,21 @@ def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
                 raise InputError(p, "already exists (use --overwrite to replace it)")
 
 
-def _csv_cell(value):
-    # nan means "not defined for this image" (class absent from its truth): an empty cell says so plainly
-    return "" if isinstance(value, float) and value != value else value
-
-
-def _json_number(value):
-    return None if isinstance(value, float) and value != value else value
-
-
-def _pct(value) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.1f}"
-
-
 @cli.command("evaluate-masks", context_settings=CONTEXT)
 @click.option("--pred", "pred_dir", required=True, type=click.Path(), callback=existing_dir, help="Folder of predicted masks (index or colour PNG/TIFF).")
 @click.option("--truth", "truth_dir", required=True, type=click.Path(), callback=existing_dir, help="Folder of ground-truth masks, paired with --pred by file stem (a _mask suffix is allowed).")
 @click.option("--classes", "classes_file", type=click.Path(), help="classes.yaml: class names (and colours, for colour masks).")
 @click.option("--num-classes", type=int, help="Number of classes of index masks, instead of --classes.")
-@click.option("--out", required=True, type=click.Path(), help="Folder for per_image.csv and summary.json.")
-@click.option("--overwrite", is_flag=True, help="Replace per_image.csv and summary.json if they exist.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for per_image.csv, per_class.csv and summary.json.")
+@click.option("--overwrite", is_flag=True, help="Replace per_image.csv, per_class.csv and summary.json if they exist.")
 def evaluate_masks(pred_dir, truth_dir, classes_file, num_classes, out, overwrite):
     """Score predicted masks against the truth: accuracy, mIoU and the paper's Missing Class IoU.
 
     Missing Class IoU (paper §4.3.1) averages, per image, the IoU of only the classes present in the ground
     truth; per class it averages over the images that contain the class.
     """
-    from dualsynth.data import default_classes, mask_to_index, read_classes
-    from dualsynth.io import read_image, write_csv, write_json
-    from dualsynth.metrics import SegmentationScores
+    from dualsynth.data import default_classes, read_classes
+    from dualsynth.segmentation.evaluation import evaluate_mask_folders, format_evaluation, write_evaluation
 
     if (classes_file is None) == (num_classes is None):
         raise click.UsageError("give exactly one of --classes or --num-classes")
@@ -188,73 +164,11 @@ def evaluate_masks(pred_dir, truth_dir, classes_file, num_classes, out, overwrit
             raise InputError("--num-classes", f"must be at least 2, got {num_classes}")
         classes = default_classes(num_classes)
     out = Path(out)
-    _refuse_overwrite([out / "per_image.csv", out / "summary.json"], overwrite)
-    preds, truths = _mask_files_by_stem(pred_dir), _mask_files_by_stem(truth_dir)
-    for stem, p in preds.items():
-        if stem not in truths:
-            raise InputError(p, f"no ground-truth mask with this stem in {truth_dir}")
-    for stem, t in truths.items():
-        if stem not in preds:
-            raise InputError(t, f"no predicted mask with this stem in {pred_dir}")
-
-    scores = SegmentationScores(len(classes), [c.name for c in classes])
-    rows = []
-    for stem in sorted(preds):
-        p = mask_to_index(read_image(preds[stem]), classes, preds[stem])
-        t = mask_to_index(read_image(truths[stem]), classes, truths[stem])
-        if p.shape != t.shape:
-            raise InputError(preds[stem], f"size {p.shape[1]}x{p.shape[0]} differs from the truth's "
-                             f"{t.shape[1]}x{t.shape[0]} ({truths[stem]})")
-        row = scores.update(p, t, name=stem)
-        row = {"file": preds[stem].name, "truth": truths[stem].name, **row}
-        rows.append({k: _csv_cell(v) for k, v in row.items()})
-    summary = scores.summary()
-    summary_json = {
-        **{k: _json_number(v) for k, v in summary.items() if not isinstance(v, dict)},
-        **{k: {c: _json_number(x) for c, x in v.items()} for k, v in summary.items() if isinstance(v, dict)},
-        "pred": str(pred_dir), "truth": str(truth_dir),
-    }
-    write_csv(out / "per_image.csv", rows)
-    write_json(out / "summary.json", summary_json)
-
-    width = max(12, *(len(c.name) for c in classes))
-    click.echo(f"{summary['num_images']} images, {summary['pixels']} pixels")
-    click.echo(f"{'class':<{width}}  {'IoU %':>7}  {'Missing Class IoU %':>19}  {'images':>6}")
-    for c in classes:
-        click.echo(f"{c.name:<{width}}  {_pct(summary['iou_per_class'][c.name]):>7}  "
-                   f"{_pct(summary['missing_class_iou_per_class'][c.name]):>19}  "
-                   f"{summary['images_with_class'][c.name]:>6}")
-    click.echo(f"pixel accuracy      {_pct(summary['pixel_accuracy']):>6} %")
-    click.echo(f"mIoU (dataset)      {_pct(summary['miou']):>6} %")
-    click.echo(f"mIoU (per image)    {_pct(summary['mean_image_miou']):>6} %")
-    click.echo(f"Missing Class IoU   {_pct(summary['missing_class_iou']):>6} %")
-    click.echo(f"wrote {out / 'per_image.csv'} and {out / 'summary.json'}")
-
-
-def _decoded_mask_to_float(array, path: Path, num_classes: int, encoding: str):
-    """A decoded-mask image file as floats in [0, 1]: `(H, W)` for levels, `(C, H, W)` for onehot."""
-    import numpy as np
-
-    a = np.asarray(array)
-    if a.dtype == np.uint8:
-        a = a.astype(np.float64) / 255.0
-    elif a.dtype == np.uint16:
-        a = a.astype(np.float64) / 65535.0
-    elif a.dtype.kind == "f":
-        a = a.astype(np.float64)
-    else:
-        raise InputError(path, f"decoded mask of type {a.dtype} is not supported (8- or 16-bit grey, or float TIFF)")
-    if encoding == "levels":
-        if a.ndim == 3 and a.shape[2] in (3, 4) and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
-            a = a[..., 0]  # grey stored as RGB
-        if a.ndim != 2:
-            raise InputError(path, f"levels mask must be a single grey channel, got shape {a.shape}")
-        return a
-    if a.ndim == 3 and a.shape[0] == num_classes and a.shape[2] != num_classes:
-        return a  # stored channels first (C, H, W)
-    if a.ndim != 3 or a.shape[2] != num_classes:
-        raise InputError(path, f"onehot mask must have {num_classes} channels, got shape {a.shape}")
-    return np.moveaxis(a, -1, 0)
+    _refuse_overwrite([out / "per_image.csv", out / "per_class.csv", out / "summary.json"], overwrite)
+    result = evaluate_mask_folders(pred_dir, truth_dir, classes)
+    write_evaluation(result, out)
+    click.echo(format_evaluation(result))
+    click.echo(f"wrote {out / 'per_image.csv'}, per_class.csv and summary.json")
 
 
 @cli.command("clean-masks", context_settings=CONTEXT)
@@ -268,62 +182,27 @@ def _decoded_mask_to_float(array, path: Path, num_classes: int, encoding: str):
 @click.option("--overwrite", is_flag=True, help="Replace masks that already exist in --out.")
 def clean_masks(in_dir, out, num_classes, encoding, min_object_area, connectivity, seed, overwrite):
     """Turn decoded masks into clean index masks: k-means to class levels, then fill small objects (Fig. 11)."""
-    import numpy as np
+    from dualsynth.postprocess import clean_mask_folder
 
-    from dualsynth.io import IMAGE_SUFFIXES, read_image, save_png
-    from dualsynth.postprocess import changed_fraction, clean_mask, nearest_level_classes
-
-    files = [p for p in sorted(in_dir.iterdir())
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise InputError(in_dir, "no mask files found (.png, .tif, .jpg, .bmp)")
-    out = Path(out)
-    targets: dict[str, Path] = {}
-    for p in files:
-        if p.stem in targets:
-            raise InputError(p, f"two files for the stem '{p.stem}' ({targets[p.stem].name})")
-        targets[p.stem] = p
-    _refuse_overwrite([out / f"{stem}.png" for stem in targets], overwrite)
-
-    # clean everything before writing anything, so a bad file leaves no half-written folder
-    cleaned, changed = [], []
-    for p in files:
-        array = read_image(p)
-        if encoding == "levels" and array.dtype.kind in "iu" and 0 < array.max() < num_classes:
-            click.echo(f"warning: {p}: values 0..{int(array.max())} look like class indices; clean-masks expects "
-                       f"decoded grey levels (class k at k/(C-1) of the full 8/16-bit range)", err=True)
-        decoded = _decoded_mask_to_float(array, p, num_classes, encoding)
-        clean = clean_mask(decoded, num_classes, encoding=encoding, min_object_area=min_object_area,
-                           seed=seed, connectivity=connectivity)
-        raw = nearest_level_classes(decoded, num_classes) if encoding == "levels" else np.argmax(decoded, axis=0)
-        cleaned.append((out / f"{p.stem}.png", clean))
-        changed.append(changed_fraction(raw, clean))
-    for path, clean in cleaned:
-        save_png(path, clean.astype(np.uint8))
-    counts = np.bincount(np.concatenate([c.ravel() for _, c in cleaned]), minlength=num_classes)
-    click.echo(f"cleaned {len(cleaned)} masks into {out}")
-    click.echo(f"  pixels changed by the clean-up: mean {100 * np.mean(changed):.2f} %, max {100 * np.max(changed):.2f} %")
-    click.echo("  class fractions: " + ", ".join(f"{k}: {100 * v / counts.sum():.1f}%" for k, v in enumerate(counts)))
+    result = clean_mask_folder(in_dir, out, num_classes, encoding, min_object_area, connectivity, seed, overwrite,
+                               warn=lambda line: click.echo(line, err=True))
+    changed = result["changed"]
+    click.echo(f"cleaned {result['masks']} masks into {out}")
+    click.echo(f"  pixels changed by the clean-up: mean {100 * sum(changed) / len(changed):.2f} %, max {100 * max(changed):.2f} %")
+    click.echo("  class fractions: " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in enumerate(result["class_fractions"])))
 # --- end metrics ---
 
 # --- vqvae ---
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 @cli.command("train-vqvae", context_settings=CONTEXT)
 @click.option("--data", type=click.Path(), help="Dataset folder (from prepare or demo-data); trains on its train split. With --resume: default the run's own.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder to create (or to continue with --resume).")
-@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: ~3 min on a busy 2-core CPU with --threads 1; paper: the paper's Table 4. Default: the config file's preset, else quick.")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: a few minutes on a 2-core CPU; paper: the paper's Table 4. Default: the config file's preset, else quick.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config (any keys of the preset; see configs/vqvae-*.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. --set model.num_embeddings=16 --set tile=128 (repeatable).")
 @click.option("--steps", type=int, help="Training updates (same as --set steps=N).")
 @click.option("--seed", type=int, help="Seed of every random choice (same as --set seed=S).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt; with no config options, uses the run's saved config.")
-@click.option("--threads", type=int, help="CPU threads for torch (1 is often fastest for small models on a busy machine).")
+@threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @device_option
 def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resume, threads, no_progress, device):
@@ -331,7 +210,6 @@ def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resu
     from dualsynth.config import deep_merge, load_config, parse_overrides
     from dualsynth.training.vqvae import PRESETS, VQVAETrainConfig, format_report, saved_run_config, train_vqvae
 
-    _set_threads(threads)
     extra = parse_overrides(list(overrides))
     if steps is not None:
         extra = deep_merge(extra, {"steps": steps})
@@ -344,7 +222,7 @@ def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resu
         config = load_config(VQVAETrainConfig, PRESETS, preset, config_file, extra, default_preset="quick")
     if data is None:
         raise InputError("--data", "give the dataset folder to train on")
-    summary = train_vqvae(data, out, config, resume=resume, device=device, progress=not no_progress)
+    summary = train_vqvae(data, out, config, resume=resume, device=device, threads=threads, progress=not no_progress)
     click.echo(f"trained {summary['step']} steps; best reconstruction error {summary['best_error']:.5f} at step {summary['best_step']}")
     if "report" in summary:
         click.echo(format_report(summary["report"]))
@@ -355,13 +233,14 @@ def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resu
 @click.option("--vqvae", "run_dir", required=True, type=click.Path(), help="VQ-VAE run folder (from train-vqvae).")
 @click.option("--data", required=True, type=click.Path(), help="Dataset folder whose tiles to encode.")
 @click.option("--out", required=True, type=click.Path(), help="Folder for <split>.npz (codes, files), figure9.png and encode.json.")
-@click.option("--threads", type=int, help="CPU threads for torch.")
+@threads_option
 @device_option
 def encode_cmd(run_dir, data, out, threads, device):
     """Encode every tile to its z-matrix of codebook indices (and draw the paper's Figure 9)."""
+    from dualsynth.config import apply_threads
     from dualsynth.training.vqvae import encode_dataset
 
-    _set_threads(threads)
+    apply_threads(threads)
     info = encode_dataset(run_dir, data, out, device=device)
     shapes = ", ".join(f"{k}: {n} x {'x'.join(map(str, info['z_shape'][k]))}" for k, n in info["tiles"].items())
     click.echo(f"wrote z-matrices ({shapes}) and figure9.png to {out}")
@@ -371,13 +250,14 @@ def encode_cmd(run_dir, data, out, threads, device):
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", type=click.Path(), help="Dataset folder (default: the one the run trained on).")
 @click.option("--split", "split_name", default="val", show_default=True, help="Which split's tiles to reconstruct (train if it has none).")
-@click.option("--threads", type=int, help="CPU threads for torch.")
+@threads_option
 @device_option
 def report_vqvae_cmd(run_dir, data, split_name, threads, device):
     """Score a VQ-VAE's reconstructions: image MSE, mask pixel accuracy, mIoU, Missing Class IoU -> RUN/report.json."""
+    from dualsynth.config import apply_threads
     from dualsynth.training.vqvae import report_vqvae
 
-    _set_threads(threads)
+    apply_threads(threads)
     report_vqvae(run_dir, data, device=device, split_name=split_name, print_table=True)
 # --- end vqvae ---
 
@@ -385,8 +265,8 @@ def report_vqvae_cmd(run_dir, data, split_name, threads, device):
 @cli.command("train-prior", context_settings=CONTEXT)
 @click.option("--vqvae", "vqvae_dir", type=click.Path(), help="VQ-VAE run folder (from train-vqvae). With --resume: default the run's own.")
 @click.option("--out", required=True, type=click.Path(), help="Prior run folder to create (or to continue with --resume).")
-@click.option("--arch", type=click.Choice(["pixelcnn", "gated"]), help="pixelcnn: the paper's (keras example); gated: gated PixelCNN without blind spot. Default: the config's, else gated.")
-@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: minutes on a CPU (32x32 crops); paper: keras-example sizes on whole z-matrices. Default: the config file's preset, else quick.")
+@click.option("--arch", type=click.Choice(["pixelcnn", "gated"]), help="pixelcnn: the paper's PixelCNN; gated: gated PixelCNN without blind spot. Default: the preset's (quick: gated, paper: pixelcnn).")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: minutes on a CPU (gated, 32x32 crops); paper: the paper's PixelCNN on whole z-matrices. Default: the config file's preset, else quick.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config (any keys of the preset; see configs/prior-*.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. --set gated.num_layers=15 --set crop=null (repeatable).")
 @click.option("--condition", type=click.Choice(["none", "phase-fractions"]), help="phase-fractions: condition the prior on each tile's class fractions (enables sample --phase-fractions).")
@@ -395,7 +275,7 @@ def report_vqvae_cmd(run_dir, data, split_name, threads, device):
 @click.option("--steps", type=int, help="Training updates (same as --set steps=N).")
 @click.option("--seed", type=int, help="Seed of every random choice (same as --set seed=S).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt; with no config options, uses the run's saved config.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (1 is often fastest for small models on a busy machine).")
+@threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @device_option
 def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condition, data_dir, codes_dir, steps, seed,
@@ -404,7 +284,6 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
     from dualsynth.config import deep_merge, load_config, parse_overrides, validate_config
     from dualsynth.training.prior import PRESETS, PriorTrainConfig, saved_run_config, train_prior
 
-    _set_threads(threads)
     extra = parse_overrides(list(overrides))
     for key, value in (("arch", arch), ("condition", condition), ("steps", steps), ("seed", seed)):
         if value is not None:
@@ -420,7 +299,7 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
     if vqvae_dir is None:
         raise InputError("--vqvae", "give the VQ-VAE run folder whose z-matrices the prior learns")
     summary = train_prior(vqvae_dir, out, config, data_dir=data_dir, codes_dir=codes_dir, resume=resume,
-                          device=device, progress=not no_progress)
+                          device=device, threads=threads, progress=not no_progress)
     click.echo(
         f"trained {summary['step']} steps; best {summary['validated_on']} NLL {summary['best_bits_per_code']:.4f} "
         f"bits per code at step {summary['best_step']} (a prior that knows nothing: "
@@ -440,27 +319,28 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
 @click.option("--min-object-area", type=click.IntRange(min=0), help="Clean-up: fill objects smaller than this (px²). Default: 200 px² at 256x256, scaled with tile area.")
 @click.option("--size", "z_size", type=click.IntRange(min=1), help="Side of the sampled z-matrices (default: the training tiles'); tiles are this x the VQ-VAE's downsampling.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default 1 while sampling: per-position work is too small to split).")
+@click.option("--workers", default="auto", show_default=True, metavar="auto|N", help="Processes sampling side by side on a CPU, one thread each (auto: one per free core).")
+@threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @device_option
 def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions, min_object_area, z_size, overwrite,
-               threads, no_progress, device):
+               workers, threads, no_progress, device):
     """Sample synthetic micrograph + mask pairs: prior -> z-matrices -> VQ-VAE decoder -> mask clean-up."""
-    from dualsynth.postprocess import clean_mask
-    from dualsynth.sampling import sample_dataset
+    from dualsynth.config import apply_threads, parse_threads
+    from dualsynth.synthetic import sample_dataset
 
-    _set_threads(threads)
+    apply_threads(threads)
     summary = sample_dataset(
-        prior_dir, out, n, clean=clean_mask, temperature=temperature, seed=seed, batch_size=batch_size,
+        prior_dir, out, n, temperature=temperature, seed=seed, batch_size=batch_size,
         phase_fractions=phase_fractions, min_object_area=min_object_area,
         z_shape=None if z_size is None else (z_size, z_size), device=device, overwrite=overwrite,
-        progress=not no_progress, threads=threads or 1,
+        progress=not no_progress, workers=parse_threads(workers),
     )
     h, w = summary["tile_shape"]
     click.echo(
         f"wrote {summary['n']} synthetic pairs ({h}x{w} px) to {out}: {summary['distinct_z_matrices']} distinct "
         f"z-matrices, {100 * summary['mean_changed_by_cleanup']:.2f}% of mask pixels changed by the clean-up, "
-        f"sampling {summary['sampling_seconds']:.1f} s; grid.png shows the first pairs"
+        f"{summary['sampling_seconds']:.1f} s with {summary['workers']} process(es); grid.png shows the first pairs"
     )
 
 
@@ -469,7 +349,7 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
 @click.option("--real", "real_dir", type=click.Path(), help="Real dataset to compare with (default: the prior's training data).")
 def inspect_cmd(synthetic_dir, real_dir):
     """Quality of a synthetic set: phase fractions vs real, pixels changed by the clean-up, distinct samples."""
-    from dualsynth.sampling import format_inspect, inspect_synthetic
+    from dualsynth.synthetic import format_inspect, inspect_synthetic
 
     report = inspect_synthetic(synthetic_dir, real_dir)
     click.echo(format_inspect(report))
@@ -483,16 +363,6 @@ def _seg_overrides(sets, **options) -> dict:
 
     overrides = parse_overrides(list(sets))
     return deep_merge(overrides, {k: v for k, v in options.items() if v is not None})
-
-
-def _seg_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-THREADS_HELP = "CPU threads for torch (1 is often fastest for small models on a busy machine)."
 
 
 def _echo_epoch(row: dict) -> None:
@@ -511,13 +381,13 @@ def _echo_epoch(row: dict) -> None:
 @click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: minutes on a CPU; paper: Table 3 (EfficientNet-B3, 200 epochs). Default quick.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config on top of the preset.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set model.encoder=resnet34.")
-@click.option("--encoder-weights", help="none, imagenet (downloads once, as in the paper) or a local encoder state-dict file.")
+@click.option("--encoder-weights", help="none, imagenet (the paper's; read from the local Hugging Face or torch cache, never downloaded) or a local encoder state-dict file.")
 @click.option("--augment", type=click.Choice(["none", "paper"]), help="paper: the Albumentations baseline of §5.3 on training tiles.")
 @click.option("--epochs", type=int, help="Maximum number of epochs.")
 @click.option("--seed", type=int, help="Seed of the model init, the synthetic draw, data order and augmentation.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch (same config).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (shown only on a terminal).")
-@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@threads_option
 @device_option
 def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_only, out, preset, config_file, sets,
               encoder_weights, augment, epochs, seed, resume, progress, threads, device):
@@ -529,7 +399,6 @@ def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_on
     from dualsynth.config import deep_merge, load_config, validate_config
     from dualsynth.segmentation import PRESETS, SegTrainConfig, saved_run_config, train_segmentation
 
-    _seg_threads(threads)
     overrides = _seg_overrides(sets, encoder_weights=encoder_weights, augment=augment, epochs=epochs, seed=seed)
     if resume and (Path(out) / "config.yaml").is_file() and preset is None and config_file is None:
         saved, data = saved_run_config(out)
@@ -543,7 +412,8 @@ def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_on
         config = load_config(SegTrainConfig, PRESETS, preset, config_file, overrides, default_preset="quick")
     summary = train_segmentation(
         train_dir, out, config, val=val_dir, synthetic=synthetic_dir, synthetic_percent=synthetic_percent,
-        synthetic_only=synthetic_only, resume=resume, device=device, progress=progress, on_epoch=_echo_epoch,
+        synthetic_only=synthetic_only, resume=resume, device=device, threads=threads, progress=progress,
+        on_epoch=_echo_epoch,
     )
     how = "stopped early" if summary["stopped_early"] else "finished" if summary["finished"] else "paused"
     best = summary["best"]
@@ -558,13 +428,14 @@ def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_on
 @click.option("--split", default="test", show_default=True, help="Split of --data ('all' for every tile).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for per_image.csv, per_class.csv, summary.json, overlays.")
 @click.option("--overlays", type=click.IntRange(min=0), default=4, show_default=True, help="Tiles drawn as image / true mask / prediction.")
-@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@threads_option
 @device_option
 def evaluate_cmd(model_dir, data_dir, split, out, overlays, threads, device):
     """Score a trained U-Net: pixel accuracy, mIoU, Missing Class IoU, per class and per image (Figs. 18, 21)."""
+    from dualsynth.config import apply_threads
     from dualsynth.segmentation import evaluate_run, format_evaluation
 
-    _seg_threads(threads)
+    apply_threads(threads)
     result = evaluate_run(model_dir, data_dir, out, None if split == "all" else split, overlays, device)
     click.echo(format_evaluation(result))
     click.echo(f"wrote per_image.csv, per_class.csv, summary.json{' and overlays' if overlays else ''} to {out}")
@@ -575,14 +446,15 @@ def evaluate_cmd(model_dir, data_dir, split, out, overlays, threads, device):
 @click.option("--synthetic", "synthetic_dir", required=True, type=click.Path(), help="Synthetic dataset folder.")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the scores and pretest.png.")
 @click.option("--overlays", type=click.IntRange(min=0), default=4, show_default=True, help="Tiles drawn as synthetic image / synthetic mask / prediction.")
-@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@threads_option
 @device_option
 def pretest_cmd(model_dir, synthetic_dir, out, overlays, threads, device):
     """The paper's quality pre-test: segment synthetic micrographs with a real-data model, score the synthetic
     masks against its predictions (low scores: the synthetic pairs do not agree; retrain the generator)."""
+    from dualsynth.config import apply_threads
     from dualsynth.segmentation import format_evaluation, pretest
 
-    _seg_threads(threads)
+    apply_threads(threads)
     result = pretest(model_dir, synthetic_dir, out, overlays, device)
     click.echo(format_evaluation(result))
     click.echo(f"wrote per_image.csv, per_class.csv, summary.json{' and pretest.png' if overlays else ''} to {out}")
@@ -591,18 +463,20 @@ def pretest_cmd(model_dir, synthetic_dir, out, overlays, threads, device):
 @cli.command("study", context_settings=CONTEXT)
 @click.option("--config", "config_file", required=True, type=click.Path(), help="Study YAML (bases, synthetic sets, percentages, seeds, test set, seg preset).")
 @click.option("--out", required=True, type=click.Path(), help="Study folder (runs/, results.csv, figures, report.md).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Trainings side by side on this machine (local backend).")
+@click.option("--workers", default="auto", show_default=True, metavar="auto|N", help="Trainings side by side on this machine (local backend); auto: see docs/benchmarks.md.")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local processes, or one Ray task per run.")
 @click.option("--address", help="Ray cluster address (default: start a local Ray).")
 @click.option("--device", default=None, help="Override the config's device: auto, cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), help="Torch threads per training (default: cores // workers).")
+@click.option("--threads", default="auto", show_default=True, metavar="auto|N", help="Torch threads per training (auto: the free cores shared by the workers).")
 def study_cmd(config_file, out, workers, backend, address, device, threads):
     """The paper's experiment: U-Nets trained with 0..300 % synthetic data added (and synthetic only), scored
     on real test tiles; finished runs are skipped when a study is started again."""
+    from dualsynth.config import parse_threads
     from dualsynth.study import load_study_config, run_study
 
     config = load_study_config(config_file, {"device": device} if device else None)
-    summary = run_study(config, out, workers=workers, backend=backend, address=address, threads=threads,
+    summary = run_study(config, out, workers=parse_threads(workers), backend=backend, address=address,
+                        threads=parse_threads(threads),
                         log=lambda line: click.echo(line, err=True))
     click.echo(f"{summary['runs']} runs ({summary['skipped']} already finished, {summary['trained']} trained now)")
     click.echo(f"report: {summary['report']}")
@@ -613,7 +487,7 @@ def study_cmd(config_file, out, workers, backend, address, device, threads):
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(), help="Folder for everything the demo writes.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML with demo settings (n, size, tile, vqvae_steps, prior_arch, prior_steps, synthetic, percentages, synthetic_only, seg_epochs, seed).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one demo setting, e.g. --set seg_epochs=4 (repeatable).")
-@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+@threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @device_option
 def demo(out, config_file, overrides, threads, no_progress, device):
@@ -624,8 +498,7 @@ def demo(out, config_file, overrides, threads, no_progress, device):
 
     extra = parse_overrides(list(overrides))
     extra["device"] = device
-    if threads is not None:
-        extra["threads"] = threads
+    extra["threads"] = threads
     config = load_config(DemoConfig, {}, None, config_file, extra)
     state = run_demo(Path(out), config, progress=not no_progress, log=click.echo)
     click.echo(f"demo finished in {state['total_seconds'] / 60:.1f} min (stages: "

@@ -13,14 +13,13 @@ apart by :func:`split`.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -60,7 +59,7 @@ def mask_channels(num_classes: int, encoding: str = "levels") -> int:
     return 1 if encoding == "levels" else num_classes
 
 
-def join(image, mask, num_classes: int, encoding: str = "levels"):
+def join_pair(image, mask, num_classes: int, encoding: str = "levels"):
     """Micrograph + class mask -> the joint float tensor of image channels and mask channel(s).
 
     ``image``: ``(C, H, W)`` / ``(B, C, H, W)`` tensor or ``(H, W)`` / ``(H, W, C)`` numpy array in [0, 1].
@@ -88,7 +87,7 @@ def join(image, mask, num_classes: int, encoding: str = "levels"):
     return torch.cat([image, mask_part.to(image.dtype)], dim=channel_dim)
 
 
-def split(joint, num_classes: int, encoding: str = "levels"):
+def split_joint(joint, num_classes: int, encoding: str = "levels"):
     """The joint tensor -> ``(image, mask)``: image channels as they are, mask by nearest level or argmax."""
     import torch
 
@@ -107,6 +106,43 @@ def split(joint, num_classes: int, encoding: str = "levels"):
     else:
         mask = mask_part.argmax(dim=channel_dim)
     return image, mask
+
+
+def joint_to_pairs(joint, num_classes: int, encoding: str = "levels") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Joint images (B, C, H, W) -> [(image (H, W, C_img) float32 clipped to [0, 1], mask (H, W) int)]."""
+    import torch
+
+    out = []
+    for x in torch.as_tensor(joint):
+        image, mask = split_joint(x, num_classes, encoding)
+        image = np.moveaxis(np.asarray(image.detach().cpu(), dtype=np.float32), 0, -1)
+        out.append((np.clip(image, 0.0, 1.0), np.asarray(mask)))
+    return out
+
+
+def dihedral(x, k: int, flip: bool, axes: tuple[int, int] = (-2, -1)):
+    """`x` (numpy array or torch tensor) rotated k times by 90 degrees in the plane of `axes`, then mirrored
+    along the second of them if `flip`: one of the 8 symmetries of a square."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        x = torch.rot90(x, k, dims=axes) if k else x
+        return torch.flip(x, dims=(axes[1],)) if flip else x
+    x = np.rot90(x, k, axes=axes) if k else x
+    return np.flip(x, axis=axes[1]) if flip else x
+
+
+def random_dihedral(rng: np.random.Generator, *arrays, axes: tuple[int, int] = (-2, -1)) -> tuple:
+    """The same random flip/rotation applied to every array (image and mask alike), drawn from `rng`.
+
+    Micrographs have no preferred orientation, so the 8 symmetries of a square are free extra data;
+    non-square arrays only take the rotations that keep their shape (0 and 180 degrees).
+    """
+    k, flip = int(rng.integers(0, 4)), bool(rng.integers(0, 2))
+    first = arrays[0]
+    if first.shape[axes[0]] != first.shape[axes[1]]:
+        k = 2 * (k % 2)
+    return tuple(dihedral(a, k, flip, axes) for a in arrays)
 
 
 def _image_tensor(image):
@@ -337,60 +373,6 @@ def image_to_float(array: np.ndarray, path: str | Path = "image") -> np.ndarray:
     return out
 
 
-class TileDataset:
-    """Torch dataset over records of a :class:`DatasetFolder`: ``(image (C,H,W) float, mask (H,W) long)``.
-
-    ``crop``: random crop size for training (the crop position comes from ``rng_seed`` and the index, so the
-    data order is a function of the seed); ``cache``: keep decoded tiles in memory (datasets here are small).
-    """
-
-    def __init__(self, folder: DatasetFolder, records: Sequence[TileRecord], crop: int | None = None,
-                 cache: bool = True):
-        if not records:
-            raise InputError(folder.path, "no tiles selected (check the split names)")
-        self.folder = folder
-        self.records = list(records)
-        self.crop = crop
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {} if cache else None  # type: ignore[assignment]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        rec = self.records[index]
-        pair = (self.folder.load_image(rec), self.folder.load_mask(rec))
-        if pair[0].shape[:2] != pair[1].shape:
-            raise InputError(self.folder.image_path(rec), f"image {pair[0].shape[:2]} and mask {pair[1].shape} differ in size")
-        if self._cache is not None:
-            self._cache[index] = pair
-        return pair
-
-    def __getitem__(self, index: int, rng: np.random.Generator | None = None):
-        import torch
-
-        image, mask = self.arrays(index)
-        if self.crop is not None:
-            image, mask = random_crop(image, mask, self.crop, rng or np.random.default_rng(index))
-        return (
-            torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0))),
-            torch.from_numpy(np.ascontiguousarray(mask)),
-        )
-
-
-def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator):
-    h, w = mask.shape
-    if size > h or size > w:
-        raise ValueError(f"crop {size} larger than tile {h}x{w}")
-    y = int(rng.integers(0, h - size + 1))
-    x = int(rng.integers(0, w - size + 1))
-    return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
-
-
-# --- writing a dataset folder -------------------------------------------------------------------------------
-
-
 class DatasetWriter:
     """Writes a dataset folder in a hidden temporary folder and moves it into place on success.
 
@@ -455,10 +437,6 @@ class DatasetWriter:
         self.records.append(rec)
         return rec
 
-    def write_json(self, name: str, obj: Any) -> None:
-        assert self.tmp is not None
-        (self.tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is not None:
@@ -502,6 +480,20 @@ class Pair:
 
 
 MASK_SUFFIX_RE = re.compile(r"[_-](mask|label|labels|annot|gt)$", re.IGNORECASE)
+
+
+def mask_files_by_stem(folder: str | Path) -> dict[str, Path]:
+    """Image files of a folder keyed by stem (a `_mask`-like suffix dropped); two files for one stem is an error."""
+    folder = Path(folder)
+    files: dict[str, Path] = {}
+    for p in _image_files(folder):
+        stem = MASK_SUFFIX_RE.sub("", p.stem)
+        if stem in files:
+            raise InputError(p, f"two files for the stem '{stem}' ({files[stem].name})")
+        files[stem] = p
+    if not files:
+        raise InputError(folder, "no mask files found (.png, .tif, .jpg, .bmp)")
+    return files
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -902,17 +894,3 @@ def parse_intensity_range(text: str | None) -> tuple[float, float] | str:
     if hi <= lo:
         raise InputError("--intensity-range", "HI must be larger than LO")
     return (lo, hi)
-
-
-def dataset_summary(folder: DatasetFolder) -> dict[str, Any]:
-    fr = folder.class_fractions()
-    return {
-        "tiles": len(folder.records()),
-        "splits": {s: len(folder.records(s)) for s in folder.splits},
-        "class_fractions": {n: float(f) for n, f in zip(folder.class_names, fr)},
-    }
-
-
-def iter_batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

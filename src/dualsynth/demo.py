@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
@@ -32,7 +32,7 @@ class DemoConfig(StrictModel):
     synthetic_only: list[int] | None = Field(None, description="synthetic-only training set sizes (default: as many as the real training tiles)")
     seg_epochs: int = Field(8, ge=1, description="U-Net epochs per run (quick preset otherwise)")
     device: str = "auto"
-    threads: int | None = Field(None, description="torch CPU threads (None: torch's choice)")
+    threads: int | Literal["auto"] = Field("auto", description="torch CPU threads per process (auto: dualsynth.config.auto_threads)")
 
 
 STAGES = ("data", "prepare", "vqvae", "prior", "sample", "study")
@@ -41,12 +41,10 @@ STAGES = ("data", "prepare", "vqvae", "prior", "sample", "study")
 def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or continue) the demo into ``out``; return where everything is, with the wall time of each stage."""
-    import torch
-
+    from dualsynth.config import parse_threads
     from dualsynth.data import PrepareOptions, prepare
     from dualsynth.demo_data import write_demo_dataset
-    from dualsynth.postprocess import clean_mask
-    from dualsynth.sampling import sample_dataset
+    from dualsynth.synthetic import sample_dataset
     from dualsynth.study import StudyConfig, run_study
     from dualsynth.training.prior import PRESETS as PRIOR_PRESETS
     from dualsynth.training.prior import PriorTrainConfig, train_prior
@@ -59,14 +57,14 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "demo.json"
     state: dict[str, Any] = read_yaml(state_path) if state_path.is_file() else {}
-    if state.get("config") not in (None, config.model_dump(mode="json")):
+    settings = config.model_dump(mode="json", exclude={"threads"})  # threads change speed, not results
+    if state.get("config") not in (None, settings):
         from dualsynth.errors import InputError
 
         raise InputError(out, "holds a demo with other settings; choose a new --out")
-    state["config"] = config.model_dump(mode="json")
+    state["config"] = settings
     state.setdefault("seconds", {})
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = parse_threads(config.threads)
 
     raw, data, runs = out / "demo-data", out / "data", out / "runs"
     vq_dir, prior_dir, synth_dir, study_dir = runs / "vqvae", runs / "prior", out / "synthetic", out / "study"
@@ -103,13 +101,15 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         cfg = load_config(VQVAETrainConfig, VQ_PRESETS, "quick", None,
                           {"steps": config.vqvae_steps, "seed": config.seed})
         resume = (vq_dir / "config.yaml").is_file()
-        train_vqvae(data / "hq", vq_dir, cfg, resume=resume, device=config.device, progress=progress)
+        train_vqvae(data / "hq", vq_dir, cfg, resume=resume, device=config.device, threads=config.threads,
+                    progress=progress)
 
     def prior() -> None:
         cfg = load_config(PriorTrainConfig, PRIOR_PRESETS, "quick", None,
                           {"arch": config.prior_arch, "steps": config.prior_steps, "seed": config.seed})
         resume = (prior_dir / "config.yaml").is_file()
-        train_prior(vq_dir, prior_dir, cfg, resume=resume, device=config.device, progress=progress)
+        train_prior(vq_dir, prior_dir, cfg, resume=resume, device=config.device, threads=config.threads,
+                    progress=progress)
 
     def real_train_tiles() -> int:
         from dualsynth.data import DatasetFolder
@@ -123,8 +123,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         import math
 
         needed = max([math.ceil(max(config.percentages) / 100 * real_train_tiles())] + synthetic_only_sizes())
-        sample_dataset(prior_dir, synth_dir, config.synthetic or needed, clean=clean_mask, seed=config.seed,
-                       device=config.device, overwrite=True, progress=progress, threads=config.threads)
+        sample_dataset(prior_dir, synth_dir, config.synthetic or needed, seed=config.seed, device=config.device,
+                       overwrite=True, progress=progress, workers=threads)
 
     def study() -> None:
         study_config = StudyConfig.model_validate({
@@ -138,7 +138,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
             "device": config.device,
         })
         write_yaml(out / "study.yaml", study_config.model_dump(mode="json"))
-        run_study(study_config, study_dir, workers=1, threads=config.threads, progress=progress, log=log)
+        run_study(study_config, study_dir, workers=None if threads is None else 1, threads=threads,
+                  progress=progress, log=log)
 
     for name, fn in zip(STAGES, (make_data, prepare_tiles, vqvae, prior, sample, study)):
         stage(name, fn)

@@ -15,6 +15,7 @@ as false negatives of the true class they cover.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -235,3 +236,22 @@ class SegmentationScores:
             "missing_class_iou_per_class": {c: float(v) for c, v in zip(self.class_names, mci_per_class)},
             "images_with_class": {c: int(v) for c, v in zip(self.class_names, images_with_class)},
         }
+
+
+def format_scores(summary: dict[str, Any], class_names: Sequence[str]) -> str:
+    """A `SegmentationScores.summary()` as an aligned terminal table (percentages; '-' where undefined)."""
+
+    def pct(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+    width = max(12, *(len(name) for name in class_names))
+    lines = [f"{summary['num_images']} images, {summary['pixels']} pixels",
+             f"{'class':<{width}}  {'IoU %':>7}  {'Missing Class IoU %':>19}  {'images':>6}"]
+    for name in class_names:
+        lines.append(f"{name:<{width}}  {pct(summary['iou_per_class'][name]):>7}  "
+                     f"{pct(summary['missing_class_iou_per_class'][name]):>19}  {summary['images_with_class'][name]:>6}")
+    lines += [f"pixel accuracy      {pct(summary['pixel_accuracy']):>6} %",
+              f"mIoU (dataset)      {pct(summary['miou']):>6} %",
+              f"mIoU (per image)    {pct(summary['mean_image_miou']):>6} %",
+              f"Missing Class IoU   {pct(summary['missing_class_iou']):>6} %"]
+    return "\n".join(lines)

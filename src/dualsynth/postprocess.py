@@ -266,3 +266,87 @@ def changed_fraction(raw_levels_mask: Any, clean: Any, num_classes: int | None =
     if raw_classes.shape != c.shape:
         raise ValueError(f"raw mask shape {raw_classes.shape} differs from clean mask shape {c.shape}")
     return float(np.mean(raw_classes != c)) if c.size else 0.0
+
+
+# --- folders of decoded masks (`dualsynth clean-masks`) ----------------------------------------------------
+
+
+def decoded_mask_to_float(array: Any, path: Any, num_classes: int, encoding: str) -> np.ndarray:
+    """A decoded-mask image file's array as floats in [0, 1]: `(H, W)` for levels, `(C, H, W)` for onehot."""
+    from dualsynth.errors import InputError
+
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float64) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float64) / 65535.0
+    elif a.dtype.kind == "f":
+        a = a.astype(np.float64)
+    else:
+        raise InputError(path, f"decoded mask of type {a.dtype} is not supported (8- or 16-bit grey, or float TIFF)")
+    if encoding == "levels":
+        if a.ndim == 3 and a.shape[2] in (3, 4) and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
+            a = a[..., 0]  # grey stored as RGB
+        if a.ndim != 2:
+            raise InputError(path, f"levels mask must be a single grey channel, got shape {a.shape}")
+        return a
+    if a.ndim == 3 and a.shape[0] == num_classes and a.shape[2] != num_classes:
+        return a  # stored channels first (C, H, W)
+    if a.ndim != 3 or a.shape[2] != num_classes:
+        raise InputError(path, f"onehot mask must have {num_classes} channels, got shape {a.shape}")
+    return np.moveaxis(a, -1, 0)
+
+
+def clean_mask_folder(
+    in_dir: Any,
+    out_dir: Any,
+    num_classes: int,
+    encoding: str = "levels",
+    min_object_area: int | None = None,
+    connectivity: int = 1,
+    seed: int = 0,
+    overwrite: bool = False,
+    warn: Any = None,
+) -> dict[str, Any]:
+    """Clean every decoded mask file of `in_dir` into an index-mask PNG of the same stem in `out_dir`.
+
+    Everything is cleaned before anything is written, so a bad file leaves no half-written folder; existing
+    outputs are replaced only with `overwrite`. `warn(line)` receives a warning for files that look like class
+    indices rather than decoded grey levels. Returns the count, the fraction of pixels each clean-up changed
+    (against reading each pixel by its nearest level or argmax) and the class fractions.
+    """
+    from pathlib import Path
+
+    from dualsynth.errors import InputError
+    from dualsynth.io import IMAGE_SUFFIXES, read_image, save_png
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    files = [p for p in sorted(in_dir.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise InputError(in_dir, "no mask files found (.png, .tif, .jpg, .bmp)")
+    targets: dict[str, Path] = {}
+    for p in files:
+        if p.stem in targets:
+            raise InputError(p, f"two files for the stem '{p.stem}' ({targets[p.stem].name})")
+        targets[p.stem] = p
+    if not overwrite:
+        for stem in targets:
+            if (out_dir / f"{stem}.png").exists():
+                raise InputError(out_dir / f"{stem}.png", "already exists (use --overwrite to replace it)")
+    cleaned, changed = [], []
+    for p in files:
+        array = read_image(p)
+        if warn is not None and encoding == "levels" and array.dtype.kind in "iu" and 0 < array.max() < num_classes:
+            warn(f"warning: {p}: values 0..{int(array.max())} look like class indices; clean-masks expects "
+                 f"decoded grey levels (class k at k/(C-1) of the full 8/16-bit range)")
+        decoded = decoded_mask_to_float(array, p, num_classes, encoding)
+        clean = clean_mask(decoded, num_classes, encoding=encoding, min_object_area=min_object_area,
+                           seed=seed, connectivity=connectivity)
+        raw = nearest_level_classes(decoded, num_classes) if encoding == "levels" else np.argmax(decoded, axis=0)
+        cleaned.append((out_dir / f"{p.stem}.png", clean))
+        changed.append(changed_fraction(raw, clean))
+    for path, clean in cleaned:
+        save_png(path, clean.astype(np.uint8))
+    counts = np.bincount(np.concatenate([c.ravel() for _, c in cleaned]), minlength=num_classes)
+    return {"masks": len(cleaned), "changed": changed, "class_fractions": (counts / counts.sum()).tolist()}

@@ -29,24 +29,6 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 class RunFolder:
     """A training run's folder.
 
@@ -101,6 +83,17 @@ class RunFolder:
     @property
     def config(self) -> dict[str, Any]:
         return read_yaml(self.path / self.CONFIG) or {}
+
+    def saved_config(self, cls: type, inputs: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+        """The training config (validated as ``cls``) and the named inputs (dataset paths and the like) the
+        run was started with, from its config.yaml: what ``--resume`` continues with."""
+        from dualsynth.config import validate_config
+
+        saved = dict(self.config)
+        found = {k: saved.pop(k, None) for k in inputs}
+        for key in ("kind", "device", "threads"):
+            saved.pop(key, None)
+        return validate_config(cls, saved, self.path / self.CONFIG), found
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
@@ -161,5 +154,5 @@ class RunFolder:
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     """Config minus the keys that may legitimately differ between a run and its resumption."""
-    skip = {"device", "resume"}
+    skip = {"device", "resume", "threads"}
     return {k: v for k, v in config.items() if k not in skip}

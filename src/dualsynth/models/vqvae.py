@@ -6,21 +6,26 @@ an image of the same shape. The vector quantizer is written here rather than tak
 of its parts (straight-through estimator, EMA codebook, k-means initialisation, dead-code restart) is a few
 lines that the tests check one by one.
 
-Public surface: `VQVAEConfig`, `VQVAE`, `VQVAEOutput`, `VectorQuantizer`, `kmeans`, `reconstruction_losses`.
+Public surface: `VQVAEConfig`, `VQVAE`, `VQVAEOutput`, `VectorQuantizer`, `kmeans`, `reconstruction_losses`,
+and the inference API: `load_vqvae(run_dir, device)`, `encode(model, joint)`, `decode(model, codes)`,
+`reconstruct(model, joint)` (batched, eval mode, mixed precision on CUDA; results on the CPU). The joint output
+splits into micrograph and mask with `dualsynth.data.split_joint` / `joint_to_pairs`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from dualsynth.config import StrictModel
+from dualsynth.config import StrictModel, autocast, resolve_device
+from dualsynth.runs import RunFolder
 
 MaskEncoding = Literal["levels", "onehot"]
 
@@ -370,3 +375,54 @@ def reconstruction_losses(x: torch.Tensor, recon: torch.Tensor, image_channels: 
     image_mse = F.mse_loss(recon[:, :image_channels], x[:, :image_channels])
     mask_mse = F.mse_loss(recon[:, image_channels:], x[:, image_channels:])
     return image_mse, mask_mse
+
+
+# --- inference API ------------------------------------------------------------------------------------------
+
+RUN_KIND = "vqvae"
+
+
+def load_vqvae(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str = "best") -> VQVAE:
+    """The trained VQ-VAE of a run folder (its `best` checkpoint, else `last`), in eval mode on `device`."""
+    run = RunFolder.open(run_dir, kind=RUN_KIND)
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = VQVAE.from_checkpoint(run.load_trained(checkpoint, map_location=device))
+    return model.to(device).eval()
+
+
+def _batched(model: VQVAE, x: torch.Tensor, fn: Callable, batch_size: int, single: bool) -> torch.Tensor:
+    """Run `fn` over `x` in eval mode, batch by batch on the model's device; `single` adds/removes a batch axis."""
+    if single:
+        x = x[None]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device):
+            parts = [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    out = torch.cat(parts) if parts else torch.empty(0)
+    return out[0] if single else out
+
+
+def encode(model: VQVAE, joint: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
+    """Joint images (B, C, H, W) or (C, H, W) -> z-matrices (B, h, w) or (h, w), long, on the CPU."""
+    joint = torch.as_tensor(joint).float()
+    return _batched(model, joint, model.encode, batch_size, single=joint.ndim == 3)
+
+
+def decode(model: VQVAE, codes: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
+    """z-matrices (B, h, w) or (h, w) -> joint images (B, C, H, W) or (C, H, W), float32 on the CPU.
+
+    Values are the decoder's raw output (roughly [0, 1]); `dualsynth.data.joint_to_pairs` turns them into
+    images and masks.
+    """
+    codes = torch.as_tensor(codes).long()
+    return _batched(model, codes, lambda c: model.decode(c).float(), batch_size, single=codes.ndim == 2)
+
+
+def reconstruct(model: VQVAE, joint: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
+    """decode(encode(joint)): joint images as the VQ-VAE reproduces them, float32 on the CPU."""
+    joint = torch.as_tensor(joint).float()
+    return _batched(model, joint, lambda x: model.reconstruct(x).float(), batch_size, single=joint.ndim == 3)

@@ -9,7 +9,6 @@ unfinished run resumes from its last epoch. At the end `run_study` writes the re
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -49,12 +48,10 @@ def run_one(job: dict[str, Any], seg_config: dict[str, Any], test: dict[str, Any
     Returns ``{"name", "seconds", "skipped"}``, or ``{"name", "error"}`` when the run failed: the error travels
     as text because exceptions with extra arguments do not always survive pickling between processes.
     """
-    import torch
-
+    from dualsynth.config import apply_threads
     from dualsynth.segmentation import SegTrainConfig, evaluate_run, train_segmentation
 
-    if threads:
-        torch.set_num_threads(threads)
+    threads = apply_threads(threads)
     name = job["name"]
     if is_finished(out, name):
         return {"name": name, "seconds": 0.0, "skipped": True}
@@ -66,7 +63,7 @@ def run_one(job: dict[str, Any], seg_config: dict[str, Any], test: dict[str, Any
             job["train"], folder, config, val=job["val"], synthetic=job["synthetic"],
             synthetic_percent=job["percent"] if job["synthetic_only"] is None else None,
             synthetic_only=job["synthetic_only"], resume=(folder / "config.yaml").is_file(), device=device,
-            progress=progress,
+            threads=threads, progress=progress,
         )
         evaluate_run(folder, test["data"], folder / EVALUATION, test["split"], overlays, device, progress=progress)
     except InputError as exc:
@@ -79,7 +76,7 @@ def run_one(job: dict[str, Any], seg_config: dict[str, Any], test: dict[str, Any
 def run_study(
     config: StudyConfig,
     out: str | Path,
-    workers: int = 1,
+    workers: int | None = None,
     backend: Literal["local", "ray"] = "local",
     address: str | None = None,
     threads: int | None = None,
@@ -88,12 +85,13 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or continue) a study into `out` and write its results, figures and report; return a summary.
 
-    `workers` > 1 runs that many trainings side by side in spawned processes, each with cores // workers
-    torch threads (`threads` overrides that; with one worker it defaults to torch's own choice).
+    `workers` > 1 runs that many trainings side by side in spawned processes; None chooses (`study_workers`:
+    one per free core on a CPU, one on a GPU). Each worker gets `threads` torch threads, None: the free cores
+    shared by the workers (`dualsynth.config.auto_threads`).
     `backend="ray"` submits each run as a Ray task (to the cluster at `address`, or a local
     Ray started here); every node must see `out` and the datasets at the same paths.
     """
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise InputError("--workers", f"must be at least 1, got {workers}")
     if backend not in ("local", "ray"):
         raise InputError("--backend", f"unknown backend '{backend}' (local or ray)")
@@ -122,6 +120,10 @@ def run_study(
             log(f"[{i}/{len(todo)}] {res['name']}: done in {res['seconds']:.0f} s" + _score_note(out, res["name"]))
 
     jobs = [asdict(r) for r in todo]
+    if workers is None:
+        workers = study_workers(len(jobs), config.device)
+    if jobs and backend == "local":
+        log(f"study: {min(workers, len(jobs))} worker(s) side by side")
     if not jobs:
         pass
     elif backend == "ray":
@@ -153,12 +155,24 @@ def _score_note(out: Path, name: str) -> str:
         return ""
 
 
+def study_workers(jobs: int, device: str = "auto") -> int:
+    """How many trainings run side by side by default: one per free core on a CPU (small U-Nets gain more from
+    running side by side than from sharing threads; docs/benchmarks.md), one on a GPU."""
+    from dualsynth.config import auto_threads, resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(jobs, auto_threads()))
+
+
 def _run_processes(jobs: list[dict], args: tuple, workers: int, threads: int | None, report: Callable) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from dualsynth.config import auto_threads
+
     # spawn, not fork: a forked child inherits torch's thread pools and locks in whatever state they are in
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or auto_threads(workers)
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(run_one, job, *args, threads, False) for job in jobs]
         for i, fut in enumerate(as_completed(futures), 1):

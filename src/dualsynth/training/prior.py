@@ -11,6 +11,9 @@ With `condition: phase-fractions` every training z-matrix is paired with the cla
 (over the crop it is trained on), which the prior takes as its conditioning vector; `sample
 --phase-fractions` then asks for tiles with chosen fractions.
 
+The loop itself is `dualsynth.engine.Engine`; this module contributes the prior's step, validation and
+checkpoint fields.
+
 Python API: `PriorTrainConfig`, `PRESETS`, `train_prior(vqvae_dir, out_dir, config)`,
 `load_prior(run_dir, device) -> TrainedPrior`, `bits_per_code(model, codes, cond)`.
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -29,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from dualsynth.config import StrictModel, autocast, resolve_device, validate_config
-from dualsynth.data import DatasetFolder, join
+from dualsynth.config import StrictModel, apply_threads, autocast, resolve_device
+from dualsynth.data import DatasetFolder, dihedral, join_pair
+from dualsynth.engine import Engine, scheduled_lr, step_batch
 from dualsynth.errors import InputError
-from dualsynth.io import atomic_path, progress_bar, read_yaml
+from dualsynth.io import atomic_path, read_yaml
 from dualsynth.models.prior import (
     GatedPixelCNNArchitecture,
     GatedPixelCNNConfig,
@@ -41,8 +44,9 @@ from dualsynth.models.prior import (
     build_prior,
     prior_from_checkpoint,
 )
-from dualsynth.runs import RunFolder, capture_rng_state
-from dualsynth.training.vqvae import batch_indices, crop_to_multiple, encode, load_vqvae
+from dualsynth.models.vqvae import encode, load_vqvae
+from dualsynth.runs import RunFolder
+from dualsynth.training.vqvae import crop_to_multiple
 
 KIND = "prior"
 CODES_FILE = "codes.npz"
@@ -87,15 +91,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 100,
         "checkpoint_every": 100,
     },
-    # the keras.io example's PixelCNN (128 filters, 2 residual blocks, 2 output layers) on whole z-matrices;
-    # a gated PixelCNN of similar cost
+    # the paper's prior: a PixelCNN (van den Oord et al. 2016) on whole z-matrices, no augmentation, constant
+    # learning rate. The paper gives no sizes or training settings for it; these (128 channels, 2 residual
+    # blocks, 2 output layers, Adam 3e-4, 20,000 updates of 16 z-matrices) are ours, listed in README.
     "paper": {
+        "arch": "pixelcnn",
         "pixelcnn": {"hidden": 128, "num_residual_blocks": 2, "num_output_layers": 2},
         "gated": {"hidden": 64, "num_layers": 12, "skip": 128},
+        "augment": "none",
         "crop": None,
         "batch_size": 16,
         "steps": 20_000,
         "lr": 3e-4,
+        "lr_schedule": "constant",
         "eval_every": 500,
         "checkpoint_every": 500,
     },
@@ -104,12 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def saved_run_config(run_dir: str | Path) -> tuple[PriorTrainConfig, dict[str, Any]]:
     """The training config and inputs (vqvae, data, codes) a prior run was started with, for `--resume`."""
-    run = RunFolder.open(run_dir, kind=KIND)
-    saved = dict(run.config)
-    inputs = {k: saved.pop(k, None) for k in ("vqvae", "data", "codes")}
-    for key in ("kind", "device"):
-        saved.pop(key, None)
-    return validate_config(PriorTrainConfig, saved, run.path / RunFolder.CONFIG), inputs
+    return RunFolder.open(run_dir, kind=KIND).saved_config(PriorTrainConfig, ("vqvae", "data", "codes"))
 
 
 # --- the training data: z-matrices and their class fractions ------------------------------------------------
@@ -138,11 +141,6 @@ def cell_fractions(mask: torch.Tensor, num_classes: int, downsample: int) -> tor
     return F.avg_pool2d(onehot[None], downsample)[0]
 
 
-def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    x = torch.rot90(x, k, dims=(-2, -1)) if k else x
-    return torch.flip(x, dims=(-1,)) if flip else x
-
-
 def _transforms(augment: str, square: bool) -> list[tuple[int, bool]]:
     if augment == "none":
         return [(0, False)]
@@ -164,11 +162,11 @@ def encode_tiles(vqvae, folder: DatasetFolder, records: Sequence[Any], augment: 
         joints, masks = [], []
         for rec in chunk:
             image, mask = folder.load_image(rec), folder.load_mask(rec)
-            joint = crop_to_multiple(torch.as_tensor(join(image, mask, c.num_classes, c.mask_encoding)).float(), c.downsample)
+            joint = crop_to_multiple(torch.as_tensor(join_pair(image, mask, c.num_classes, c.mask_encoding)).float(), c.downsample)
             mask = crop_to_multiple(torch.as_tensor(mask), c.downsample)
             for k, flip in _transforms(augment, joint.shape[-1] == joint.shape[-2]):
-                joints.append(_dihedral(joint, k, flip))
-                masks.append(_dihedral(mask, k, flip))
+                joints.append(dihedral(joint, k, flip))
+                masks.append(dihedral(mask, k, flip))
                 files.append(rec.file)
         if len({tuple(j.shape) for j in joints}) > 1:
             raise InputError(folder.path, "tiles differ in size; prepare the dataset with one --tile size")
@@ -236,7 +234,7 @@ def load_encoded(path: Path) -> tuple[EncodedTiles, EncodedTiles]:
 # --- batches, loss, learning rate ---------------------------------------------------------------------------
 
 
-def make_batch(data: EncodedTiles, indices: np.ndarray, crop: int | None, seed: int, step: int, conditioned: bool):
+def code_batch(data: EncodedTiles, indices: np.ndarray, crop: int | None, seed: int, step: int, conditioned: bool):
     """Codes (B, c, c) of update `step`: random crops (or whole z-matrices), and their class fractions."""
     rng = np.random.default_rng([seed, step, 2])
     h, w = data.codes.shape[-2:]
@@ -248,14 +246,6 @@ def make_batch(data: EncodedTiles, indices: np.ndarray, crop: int | None, seed: 
         if conditioned:
             cond.append(data.cells[int(i), :, top : top + ch, left : left + cw].mean(dim=(-2, -1)))
     return torch.stack(codes), (torch.stack(cond) if conditioned else None)
-
-
-def learning_rate(config: PriorTrainConfig, step: int) -> float:
-    """Learning rate of update `step` (0-based): a pure function of the step, so resuming needs no scheduler."""
-    if config.lr_schedule == "constant":
-        return config.lr
-    progress = min(step / max(config.steps - 1, 1), 1.0)
-    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def nll_bits(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -281,10 +271,6 @@ def bits_per_code(model, codes: torch.Tensor, cond: torch.Tensor | None = None, 
     finally:
         model.train(was_training)
     return total / max(count, 1)
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -331,6 +317,7 @@ def train_prior(
     codes_dir: str | Path | None = None,
     resume: bool = False,
     device: str = "auto",
+    threads: str | int | None = "auto",
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -341,6 +328,7 @@ def train_prior(
     run's stored z-matrices. `stop_after` ends this call after that many updates, as if killed (for tests).
     Returns a summary: steps done, best step, best validation bits per code.
     """
+    apply_threads(threads)
     dev = resolve_device(device)
     vqvae_dir = Path(vqvae_dir).resolve()
     vqvae = load_vqvae(vqvae_dir, dev)
@@ -369,17 +357,6 @@ def train_prior(
 
     torch.manual_seed(config.seed)
     model = build_prior(mcfg).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    state: dict[str, Any] = {"step": 0, "best_bits": math.inf, "best_step": 0, "window": [0.0, 0]}
-    if resume and run.has_checkpoint("last"):
-        ckpt = run.load_checkpoint("last", map_location=dev)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["train_state"])
-        run.truncate_log("step", state["step"])
-    elif resume:
-        run.truncate_log("step", 0)
-
     val_codes, val_cond = (val.codes, val.fractions()) if len(val) else (train.codes, train.fractions())
     val_name = "val" if len(val) else "train"
     extra = {
@@ -391,77 +368,55 @@ def train_prior(
         # the class fractions of the real training tiles: `sample` draws conditioning vectors from them
         "cond_bank": None if train.cells is None else _unique_fractions(train).numpy(),
     }
+    engine = Engine(
+        run, dev, models={"prior": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
+        seed=config.seed, total=config.steps, unit="step", checkpoint_extra=lambda: extra, run_config=run_config,
+    )
+    if resume:
+        engine.resume()
     inputs = {"vqvae": str(vqvae_dir), "data": run_config["data"], "codes": run_config["codes"],
               "train_z_matrices": len(train), "val_z_matrices": len(val)}
     run.write_manifest(inputs)
 
-    def save_last() -> None:
-        run.save_checkpoint("last", {
-            **model.checkpoint(), **extra, "optimizer": optimizer.state_dict(), "train_state": state,
-            "rng": capture_rng_state(), "run_config": run_config,
-        })
+    def update(step: int) -> None:
+        idx = step_batch(len(train), config.batch_size, config.seed, step)
+        z, cond = code_batch(train, idx, config.crop, config.seed, step, conditioned)
+        z = z.to(dev)
+        cond = None if cond is None else cond.to(dev)
+        engine.set_lr(scheduled_lr(config.lr, config.lr_schedule, step, config.steps))
+        with engine.autocast():
+            logits = model(z, cond)
+        loss = nll_bits(logits, z)
+        engine.optimize(loss)
+        engine.accumulate({"train_bits_per_code": loss.item()}, items=z.numel())
 
-    start = state["step"]
-    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    bar = progress_bar(enabled=progress, total=config.steps, initial=start, desc="train-prior", unit="step")
-    t0, codes_seen = time.perf_counter(), 0
-    model.train()
-    try:
-        while state["step"] < end:
-            step = state["step"]
-            torch.manual_seed(_step_seed(config.seed, step))
-            idx = batch_indices(len(train), config.batch_size, config.seed, step)
-            z, cond = make_batch(train, idx, config.crop, config.seed, step, conditioned)
-            z = z.to(dev)
-            cond = None if cond is None else cond.to(dev)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            with autocast(dev):
-                logits = model(z, cond)
-            loss = nll_bits(logits, z)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state["step"] = step = step + 1
-            state["window"][0] += loss.item()
-            state["window"][1] += 1
-            codes_seen += z.numel()
-            if step % config.eval_every == 0 or step == config.steps:
-                bits = bits_per_code(model, val_codes, val_cond if conditioned else None)
-                window = state["window"]
-                row = {
-                    "step": step,
-                    "train_bits_per_code": window[0] / max(window[1], 1),
-                    f"{val_name}_bits_per_code": bits,
-                    "lr": learning_rate(config, step - 1),
-                    "codes_per_s": codes_seen / max(time.perf_counter() - t0, 1e-9),
-                }
-                state["window"] = [0.0, 0]
-                run.log(row)
-                if bits < state["best_bits"]:
-                    state["best_bits"], state["best_step"] = bits, step
-                    run.save_checkpoint("best", {**model.checkpoint(), **extra, "step": step, "bits_per_code": bits})
-                bar.set_postfix(train=f"{row['train_bits_per_code']:.3f}", **{val_name: f"{bits:.3f}"}, best=f"{state['best_bits']:.3f}")
-            if step % config.checkpoint_every == 0 or step == end:
-                save_last()
-            bar.update(1)
-    except KeyboardInterrupt:
-        save_last()
-        raise
-    finally:
-        bar.close()
+    def after(step: int, _: Any) -> dict[str, Any] | None:
+        step += 1  # updates done
+        if step % config.eval_every and step != config.steps:
+            return None
+        bits = bits_per_code(model, val_codes, val_cond if conditioned else None)
+        row = {"step": step, **engine.window_means(), f"{val_name}_bits_per_code": bits,
+               "lr": scheduled_lr(config.lr, config.lr_schedule, step - 1, config.steps),
+               "codes_per_s": engine.throughput()}
+        engine.log(row)
+        engine.keep_if_best(bits, "min", bits_per_code=bits)
+        return {"train": f"{row['train_bits_per_code']:.3f}", val_name: f"{bits:.3f}",
+                "best": f"{engine.state['best']:.3f}"}
+
+    engine.run_loop(update, after, checkpoint_every=config.checkpoint_every, stop_after=stop_after,
+                    progress=progress, desc="train-prior")
 
     summary = {
-        "step": state["step"],
-        "best_step": state["best_step"],
-        "best_bits_per_code": state["best_bits"],
+        "step": engine.done,
+        "best_step": engine.state["best_at"],
+        "best_bits_per_code": engine.state["best"],
         "validated_on": val_name,
         "uniform_bits_per_code": math.log2(vqvae.config.num_embeddings),
         "train_z_matrices": len(train),
         "z_shape": list(train.codes.shape[-2:]),
     }
-    run.write_manifest(inputs, device=str(dev), steps_done=state["step"], best_step=state["best_step"],
-                       best_bits_per_code=state["best_bits"])
+    run.write_manifest(inputs, device=str(dev), steps_done=engine.done, best_step=engine.state["best_at"],
+                       best_bits_per_code=engine.state["best"])
     return summary
 
 

@@ -5,31 +5,49 @@ and last.pt, log.csv, monitor.png, recon_error.png, report.json, manifest.json).
 (model init, data order, crops, flips, k-means init, dead-code restarts) is a function of the seed and the step,
 so a run stopped at step k and resumed gives the same weights as one that was never stopped.
 
-Python API: `load_vqvae(run_dir, device)`, `encode(model, joint)`, `decode(model, codes)`,
-`reconstruct(model, joint)`, `split_joint(model, joint)`, `report_vqvae(run_dir, data_dir)`,
-`encode_dataset(run_dir, data_dir, out_dir)`.
+The loop itself is `dualsynth.engine.Engine`; this module contributes the VQ-VAE's step, log row, best
+rule and figures. Loading and running a trained VQ-VAE (`load_vqvae`, `encode`, `decode`, `reconstruct`) lives
+next to the model in `dualsynth.models.vqvae`.
+
+Python API: `VQVAETrainConfig`, `PRESETS`, `train_vqvae(data_dir, out_dir, config)`,
+`report_vqvae(run_dir, data_dir)`, `encode_dataset(run_dir, data_dir, out_dir)`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from dualsynth.config import StrictModel, autocast, grad_scaler, resolve_device, validate_config
-from dualsynth.data import ClassInfo, DatasetFolder, colorize_mask, join, split
+from dualsynth.config import StrictModel, apply_threads, resolve_device
+from dualsynth.data import (
+    ClassInfo,
+    DatasetFolder,
+    colorize_mask,
+    join_pair,
+    joint_to_pairs,
+    random_dihedral,
+    split_joint,
+)
+from dualsynth.engine import Engine, scheduled_lr, step_batch
 from dualsynth.errors import InputError
-from dualsynth.io import atomic_path, progress_bar, read_csv, save_figure, save_png, to_uint8, write_json
+from dualsynth.io import atomic_path, read_csv, save_figure, save_png, to_uint8, write_json
 from dualsynth.metrics import SegmentationScores
-from dualsynth.models.vqvae import VQVAE, VQVAEArchitecture, VQVAEConfig, reconstruction_losses
-from dualsynth.runs import RunFolder, capture_rng_state
-
-KIND = "vqvae"
+from dualsynth.models.vqvae import (
+    RUN_KIND as KIND,
+    VQVAE,
+    VQVAEArchitecture,
+    VQVAEConfig,
+    decode,
+    encode,
+    load_vqvae,
+    reconstruct,
+    reconstruction_losses,
+)
+from dualsynth.runs import RunFolder
 
 
 class VQVAETrainConfig(StrictModel):
@@ -58,9 +76,15 @@ class VQVAETrainConfig(StrictModel):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's Table 4: 256x256 tiles, batch 8, D=64, K=10, 50,000 updates; Sonnet's network widths
+    # the paper's Table 4: 256x256 tiles, batch 8, D=64, K=10, 50,000 updates; the rest is Sonnet's example
+    # (widths, EMA codebook with decay 0.99, commitment 0.25, Adam 3e-4, no augmentation). Our additions are
+    # off: no k-means codebook start, no dead-code restart, no flips. README lists what still differs.
     "paper": {
-        "model": {"hidden": 128, "res_hidden": 32, "res_layers": 2, "embedding_dim": 64, "num_embeddings": 10},
+        "model": {"hidden": 128, "res_hidden": 32, "res_layers": 2, "embedding_dim": 64, "num_embeddings": 10,
+                  "kmeans_init": False, "dead_code_steps": 0},
+        "mask_weight": 1.0,
+        "augment": False,
+        "lr_schedule": "constant",
         "tile": None,
         "batch_size": 8,
         "steps": 50_000,
@@ -87,12 +111,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def saved_run_config(run_dir: str | Path) -> tuple[VQVAETrainConfig, Path | None]:
     """The training config and dataset a run was started with (from RUN/config.yaml), for `--resume`."""
-    run = RunFolder.open(run_dir, kind=KIND)
-    saved = dict(run.config)
-    data = saved.pop("data", None)
-    for key in ("kind", "device"):
-        saved.pop(key, None)
-    return validate_config(VQVAETrainConfig, saved, run.path / RunFolder.CONFIG), Path(data) if data else None
+    config, inputs = RunFolder.open(run_dir, kind=KIND).saved_config(VQVAETrainConfig, ("data",))
+    return config, Path(inputs["data"]) if inputs["data"] else None
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -101,7 +121,7 @@ def saved_run_config(run_dir: str | Path) -> tuple[VQVAETrainConfig, Path | None
 def load_joint_tiles(folder: DatasetFolder, records: Sequence[Any], encoding: str) -> list[torch.Tensor]:
     """Joint images (C_img + C_mask, H, W) float32 of the given records, in record order."""
     return [
-        torch.as_tensor(join(folder.load_image(rec), folder.load_mask(rec), folder.num_classes, encoding)).float()
+        torch.as_tensor(join_pair(folder.load_image(rec), folder.load_mask(rec), folder.num_classes, encoding)).float()
         for rec in records
     ]
 
@@ -112,18 +132,7 @@ def crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x[..., :h, :w]
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Tile indices of update `step`: consecutive slices of one seeded permutation per epoch."""
-    positions = step * batch_size + np.arange(batch_size)
-    epochs, offsets = positions // n, positions % n
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
-        out[epochs == epoch] = perm[offsets[epochs == epoch]]
-    return out
-
-
-def make_batch(
+def joint_batch(
     tiles: torch.Tensor | Sequence[torch.Tensor], indices: np.ndarray, tile: int | None, augment: bool, seed: int, step: int
 ) -> torch.Tensor:
     """The batch of update `step`: random crops of side `tile` (or whole tiles), random flips/rotations."""
@@ -136,86 +145,9 @@ def make_batch(
             left = int(rng.integers(0, x.shape[-1] - tile + 1))
             x = x[:, top : top + tile, left : left + tile]
         if augment:
-            # micrographs have no preferred orientation, so the 8 flips/rotations are free extra data
-            k, flip = int(rng.integers(0, 4)), bool(rng.integers(0, 2))
-            if x.shape[-1] != x.shape[-2]:
-                k = 2 * (k % 2)
-            x = torch.rot90(x, k, dims=(-2, -1))
-            if flip:
-                x = torch.flip(x, dims=(-1,))
+            (x,) = random_dihedral(rng, x)
         out.append(x)
     return torch.stack(out).contiguous()
-
-
-def learning_rate(config: VQVAETrainConfig, step: int) -> float:
-    """Learning rate of update `step` (0-based): a pure function of the step, so resuming needs no scheduler."""
-    if config.lr_schedule == "constant":
-        return config.lr
-    progress = min(step / max(config.steps - 1, 1), 1.0)
-    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63 - 1)
-
-
-# --- Python API ---------------------------------------------------------------------------------------------
-
-
-def load_vqvae(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str = "best") -> VQVAE:
-    """The trained VQ-VAE of a run folder (its `best` checkpoint, else `last`), in eval mode on `device`."""
-    run = RunFolder.open(run_dir, kind=KIND)
-    device = resolve_device(device) if isinstance(device, str) else device
-    model = VQVAE.from_checkpoint(run.load_trained(checkpoint, map_location=device))
-    return model.to(device).eval()
-
-
-def _batched(model: VQVAE, x: torch.Tensor, fn: Callable, batch_size: int, single: bool) -> torch.Tensor:
-    """Run `fn` over `x` in eval mode, batch by batch on the model's device; `single` adds/removes a batch axis."""
-    if single:
-        x = x[None]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast(device):
-            parts = [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)]
-    finally:
-        model.train(was_training)
-    out = torch.cat(parts) if parts else torch.empty(0)
-    return out[0] if single else out
-
-
-def encode(model: VQVAE, joint: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
-    """Joint images (B, C, H, W) or (C, H, W) -> z-matrices (B, h, w) or (h, w), long, on the CPU."""
-    joint = torch.as_tensor(joint).float()
-    return _batched(model, joint, model.encode, batch_size, single=joint.ndim == 3)
-
-
-def decode(model: VQVAE, codes: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
-    """z-matrices (B, h, w) or (h, w) -> joint images (B, C, H, W) or (C, H, W), float32 on the CPU.
-
-    Values are the decoder's raw output (roughly [0, 1]); `split_joint` turns them into images and masks.
-    """
-    codes = torch.as_tensor(codes).long()
-    return _batched(model, codes, lambda c: model.decode(c).float(), batch_size, single=codes.ndim == 2)
-
-
-def reconstruct(model: VQVAE, joint: torch.Tensor | np.ndarray, batch_size: int = 16) -> torch.Tensor:
-    """decode(encode(joint)): joint images as the VQ-VAE reproduces them, float32 on the CPU."""
-    joint = torch.as_tensor(joint).float()
-    return _batched(model, joint, lambda x: model.reconstruct(x).float(), batch_size, single=joint.ndim == 3)
-
-
-def split_joint(model: VQVAE, joint: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Joint images (B, C, H, W) -> [(image (H, W, C_img) float32 in [0, 1], mask (H, W) int)], per the model's
-    mask encoding and number of classes."""
-    c = model.config
-    out = []
-    for x in torch.as_tensor(joint):
-        image, mask = split(x, c.num_classes, c.mask_encoding)
-        out.append((np.clip(_as_hwc(image), 0.0, 1.0), np.asarray(mask)))
-    return out
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -255,14 +187,17 @@ def train_vqvae(
     *,
     resume: bool = False,
     device: str = "auto",
+    threads: str | int | None = "auto",
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a VQ-VAE on the train split of `data_dir` into the run folder `out_dir`; return a summary.
 
-    `resume` continues `out_dir` from checkpoints/last.pt (same config required). `stop_after` ends this call
-    after that many updates, as if the run had been killed there (for tests); the checkpoint is still written.
+    `resume` continues `out_dir` from checkpoints/last.pt (same config required). `threads`: torch CPU threads
+    (`auto`: `dualsynth.config.auto_threads`). `stop_after` ends this call after that many updates, as if the
+    run had been killed there (for tests); the checkpoint is still written.
     """
+    apply_threads(threads)
     dev = resolve_device(device)
     folder = DatasetFolder(data_dir)
     model_config = _resolved_model_config(config, folder)
@@ -285,117 +220,58 @@ def train_vqvae(
 
     torch.manual_seed(config.seed)
     model = VQVAE(model_config).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scaler = grad_scaler(dev)
-    state = {"step": 0, "best_error": math.inf, "best_step": 0, "window": _empty_window(), "history": []}
-    if resume and run.has_checkpoint("last"):
-        ckpt = run.load_checkpoint("last", map_location=dev)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        state.update(ckpt["train_state"])
-        run.truncate_log("step", state["step"])
-    elif resume:
-        run.truncate_log("step", 0)
-
-    run.write_manifest({"data": str(Path(data_dir)), "train_tiles": len(train_recs), "val_tiles": len(val_recs)})
-
-    def save_last() -> None:
-        run.save_checkpoint(
-            "last",
-            {
-                **model.checkpoint(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "train_state": state,
-                "rng": capture_rng_state(),
-                "run_config": run_config,
-            },
-        )
-
-    start = state["step"]
-    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    bar = progress_bar(enabled=progress, total=config.steps, initial=start, desc="train-vqvae", unit="step")
-    t0, tiles_seen = time.perf_counter(), 0
-    model.train()
-    try:
-        while state["step"] < end:
-            step = state["step"]
-            torch.manual_seed(_step_seed(config.seed, step))
-            idx = batch_indices(len(train_tiles), config.batch_size, config.seed, step)
-            x = make_batch(train_tiles, idx, config.tile, config.augment, config.seed, step).to(dev)
-            with autocast(dev):
-                out = model(x)
-            image_mse, mask_mse = reconstruction_losses(x, out.recon, model_config.image_channels)
-            loss = image_mse + config.mask_weight * mask_mse + out.vq_loss.float()
-            optimizer.zero_grad(set_to_none=True)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            state["step"] = step = step + 1
-            tiles_seen += x.shape[0]
-            recon_error = torch.nn.functional.mse_loss(out.recon.detach().float(), x).item()
-            _accumulate(state["window"], {
-                "loss": loss.item(), "recon_error": recon_error, "image_mse": image_mse.item(),
-                "mask_mse": mask_mse.item(), "vq_loss": out.vq_loss.item(), "perplexity": out.perplexity.item(),
-                "codes_in_use": float(out.codes_in_use),
-            })
-            if step % config.log_every == 0 or step == config.steps:
-                row = _close_window(state, step, tiles_seen / max(time.perf_counter() - t0, 1e-9))
-                run.log(row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}", err=f"{row['recon_error']:.4f}",
-                    ppl=f"{row['perplexity']:.2f}", codes=int(row["codes_in_use"]),
-                )
-                if row["recon_error"] < state["best_error"]:
-                    # the paper's rule: keep the weights with the lowest reconstruction error on training data
-                    state["best_error"], state["best_step"] = row["recon_error"], step
-                    run.save_checkpoint("best", {**model.checkpoint(), "step": step, "recon_error": row["recon_error"]})
-            if step % config.monitor_every == 0 or step == config.steps:
-                _monitor(run, model, monitor_rec, monitor_joint, folder, state, step)
-                model.train()
-            if step % config.checkpoint_every == 0 or step == end:
-                save_last()
-            bar.update(1)
-    except KeyboardInterrupt:
-        save_last()
-        raise
-    finally:
-        bar.close()
-
-    summary: dict[str, Any] = {"step": state["step"], "best_step": state["best_step"], "best_error": state["best_error"]}
-    if state["step"] >= config.steps:
-        report = report_vqvae(run.path, data_dir, device=str(dev), print_table=False)
-        summary["report"] = report
-    run.write_manifest(
-        {"data": str(Path(data_dir)), "train_tiles": len(train_recs), "val_tiles": len(val_recs)},
-        device=str(dev),
-        steps_done=state["step"],
-        best_step=state["best_step"],
+    engine = Engine(
+        run, dev, models={"vqvae": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
+        seed=config.seed, total=config.steps, unit="step", state={"history": []}, run_config=run_config,
     )
+    if resume:
+        engine.resume()
+    inputs = {"data": str(Path(data_dir)), "train_tiles": len(train_recs), "val_tiles": len(val_recs)}
+    run.write_manifest(inputs)
+
+    def update(step: int) -> None:
+        idx = step_batch(len(train_tiles), config.batch_size, config.seed, step)
+        x = joint_batch(train_tiles, idx, config.tile, config.augment, config.seed, step).to(dev)
+        with engine.autocast():
+            out = model(x)
+        image_mse, mask_mse = reconstruction_losses(x, out.recon, model_config.image_channels)
+        loss = image_mse + config.mask_weight * mask_mse + out.vq_loss.float()
+        engine.set_lr(scheduled_lr(config.lr, config.lr_schedule, step, config.steps))
+        engine.optimize(loss)
+        recon_error = torch.nn.functional.mse_loss(out.recon.detach().float(), x).item()
+        engine.accumulate({
+            "loss": loss.item(), "recon_error": recon_error, "image_mse": image_mse.item(),
+            "mask_mse": mask_mse.item(), "vq_loss": out.vq_loss.item(), "perplexity": out.perplexity.item(),
+            "codes_in_use": float(out.codes_in_use),
+        }, items=x.shape[0])
+
+    def after(step: int, _: Any) -> dict[str, Any] | None:
+        step += 1  # updates done
+        shown = None
+        if step % config.log_every == 0 or step == config.steps:
+            row = {"step": step, **engine.window_means(), "tiles_per_s": engine.throughput()}
+            engine.log(row)
+            # the paper's rule: keep the weights with the lowest reconstruction error on training data
+            engine.keep_if_best(row["recon_error"], "min", recon_error=row["recon_error"])
+            shown = {"loss": f"{row['loss']:.4f}", "err": f"{row['recon_error']:.4f}",
+                     "ppl": f"{row['perplexity']:.2f}", "codes": int(row["codes_in_use"])}
+        if step % config.monitor_every == 0 or step == config.steps:
+            _monitor(run, model, monitor_rec, monitor_joint, folder, engine.state, step)
+        return shown
+
+    engine.run_loop(update, after, checkpoint_every=config.checkpoint_every, stop_after=stop_after,
+                    progress=progress, desc="train-vqvae")
+
+    summary: dict[str, Any] = {"step": engine.done, "best_step": engine.state["best_at"],
+                               "best_error": engine.state["best"]}
+    if engine.finished:
+        summary["report"] = report_vqvae(run.path, data_dir, device=str(dev), print_table=False)
+    run.write_manifest(inputs, device=str(dev), steps_done=engine.done, best_step=engine.state["best_at"])
     return summary
 
 
-def _empty_window() -> dict[str, float]:
-    return {"n": 0, **{k: 0.0 for k in LOG_KEYS}}
-
-
-def _accumulate(window: dict[str, float], values: dict[str, float]) -> None:
-    window["n"] += 1
-    for k, v in values.items():
-        window[k] += v
-
-
-def _close_window(state: dict[str, Any], step: int, tiles_per_s: float) -> dict[str, Any]:
-    window = state["window"]
-    n = max(window["n"], 1)
-    row: dict[str, Any] = {"step": step, **{k: window[k] / n for k in LOG_KEYS}, "tiles_per_s": tiles_per_s}
-    state["window"] = _empty_window()
-    return row
-
+def _as_hwc(image: torch.Tensor) -> np.ndarray:
+    return np.moveaxis(np.asarray(image.detach().cpu(), dtype=np.float32), 0, -1)
 
 
 # --- monitoring figures (paper Figs. 7 and 8) ---------------------------------------------------------------
@@ -418,13 +294,9 @@ def _image_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(rgb[..., None], 3, axis=-1) if rgb.ndim == 2 else rgb[..., :3]
 
 
-def _as_hwc(image: torch.Tensor) -> np.ndarray:
-    return np.moveaxis(np.asarray(image.detach().cpu(), dtype=np.float32), 0, -1)
-
-
 def joint_panel(joint: torch.Tensor, classes: Sequence[ClassInfo], encoding: str) -> np.ndarray:
     """Micrograph above its mask (split by nearest level / argmax), one uint8 RGB array."""
-    image, mask = split(joint.float(), len(classes), encoding)
+    image, mask = split_joint(joint.float(), len(classes), encoding)
     image = np.clip(_as_hwc(image), 0, 1)
     gap = np.full((4, image.shape[1], 3), 255, dtype=np.uint8)
     return np.concatenate([_image_rgb(image), gap, colorize_mask(np.asarray(mask), classes)], axis=0)
@@ -545,8 +417,8 @@ def report_vqvae(
         codes = encode(model, joint)
         codes_seen.update(torch.unique(codes).tolist())
         recon = decode(model, codes)
-        (image, mask), = split_joint(model, recon[None])
-        true_image, true_mask = split(joint, c.num_classes, c.mask_encoding)
+        (image, mask), = joint_to_pairs(recon[None], c.num_classes, c.mask_encoding)
+        true_image, true_mask = split_joint(joint, c.num_classes, c.mask_encoding)
         true_image = _as_hwc(true_image)
         image_se += float(((image - true_image) ** 2).sum())
         image_n += image.size
@@ -651,7 +523,7 @@ def draw_z_matrices(path: Path, items: list, folder: DatasetFolder, c: VQVAEConf
     cmap = matplotlib.colormaps["tab10" if c.num_embeddings <= 10 else "tab20" if c.num_embeddings <= 20 else "viridis"]
     fig, axes = plt.subplots(len(items), 3, figsize=(8, 2.7 * len(items)), squeeze=False)
     for row, (rec, joint, z) in zip(axes, items):
-        image, mask = split(joint, c.num_classes, c.mask_encoding)
+        image, mask = split_joint(joint, c.num_classes, c.mask_encoding)
         row[0].imshow(_image_rgb(_as_hwc(image)))
         row[1].imshow(colorize_mask(np.asarray(mask), folder.classes))
         shown = row[2].imshow(np.asarray(z), cmap=cmap, vmin=-0.5, vmax=c.num_embeddings - 0.5, interpolation="nearest")

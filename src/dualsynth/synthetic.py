@@ -1,0 +1,380 @@
+"""Synthetic sets: sampling new micrograph + mask pairs into a dataset folder, and inspecting them.
+
+`sample_dataset` (the `sample` command): z-matrices from a trained prior (`dualsynth.sampling.sample_fast`)
+-> the VQ-VAE decoder -> micrograph and mask split -> mask clean-up (`dualsynth.postprocess.clean_mask`) -> a
+dataset folder with raw masks, codes.npz, grid.png (paper Figs. 10-11) and sample.json. On a CPU the z-matrices
+are sampled by several processes side by side (sample i depends on (seed, i) only, so the split does not
+change the result). `inspect_synthetic` (the `inspect` command): phase fractions against the real training
+set, pixels changed by the clean-up, distinct z-matrices and copies of training z-matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dualsynth.errors import InputError
+from dualsynth.io import atomic_path, progress_bar, read_image, save_figure, save_png, write_json
+from dualsynth.postprocess import clean_mask
+from dualsynth.sampling import draw_noise, sample_fast
+
+
+CODES_FILE = "codes.npz"
+SUMMARY_FILE = "sample.json"
+GRID_FILE = "grid.png"
+RAW_MASKS = "raw_masks"
+
+
+def parse_phase_fractions(text: str | None, num_classes: int) -> np.ndarray | None:
+    """`"0.7,0.2,0.1"` -> fractions (C,) that sum to 1 (within 0.02; then renormalised), or None."""
+    if text is None:
+        return None
+    try:
+        values = np.array([float(v) for v in text.split(",")], dtype=np.float64)
+    except ValueError:
+        raise InputError("--phase-fractions", f"'{text}' is not a comma-separated list of numbers") from None
+    if values.size != num_classes:
+        raise InputError("--phase-fractions", f"give {num_classes} fractions (one per class), got {values.size}")
+    if (values < 0).any() or not np.isfinite(values).all():
+        raise InputError("--phase-fractions", "fractions must be >= 0")
+    if abs(values.sum() - 1.0) > 0.02:
+        raise InputError("--phase-fractions", f"fractions must sum to 1, they sum to {values.sum():.3f}")
+    return (values / values.sum()).astype(np.float32)
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of sample `index`: a sample depends on (seed, index) only, not on the batch size."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+
+
+def conditioning_for(index: int, seed: int, fractions: np.ndarray | None, bank: np.ndarray | None) -> np.ndarray | None:
+    """Conditioning vector of sample `index`: the asked-for fractions, else a real training tile's, drawn."""
+    if fractions is not None:
+        return fractions
+    if bank is None:
+        return None
+    pick = int(torch.randint(len(bank), (1,), generator=sample_generator(seed, -1 - index)).item())
+    return bank[pick]
+
+
+def raw_mask_png(decoded_mask: torch.Tensor, num_classes: int, encoding: str) -> np.ndarray:
+    """The raw decoded mask as a 16-bit grey image: the `levels` channel as it came out of the decoder (the
+    paper's Fig. 10); for `onehot`, the argmax class drawn at its level k/(C-1)."""
+    if encoding == "levels":
+        values = decoded_mask.reshape(decoded_mask.shape[-2:]).float().clamp(0, 1)
+    else:
+        values = decoded_mask.argmax(dim=0).float() / (num_classes - 1)
+    return (values.numpy() * 65535 + 0.5).astype(np.uint16)
+
+
+def raw_mask_classes(raw_png: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class of every pixel of a raw mask image by nearest level (as `dualsynth.data.split` reads a mask)."""
+    scale = float(np.iinfo(raw_png.dtype).max) if np.issubdtype(raw_png.dtype, np.integer) else 1.0
+    return np.rint(np.clip(raw_png / scale, 0, 1) * (num_classes - 1)).astype(np.int64)
+
+
+def sample_codes(prior_dir: str | Path, indices: Sequence[int], shape: Sequence[int], seed: int, temperature: float,
+                 fractions: np.ndarray | None, device: str = "cpu", threads: int | None = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z-matrices (and conditioning vectors) of the samples `indices`: sample i depends on (seed, i) only, so
+    any split of the indices over processes or batches gives the same samples."""
+    from dualsynth.config import resolve_device
+    from dualsynth.training.prior import load_prior
+
+    dev = resolve_device(device)
+    trained = load_prior(prior_dir, dev)
+    bank = trained.cond_bank if trained.condition == "phase-fractions" else None
+    noise = torch.cat([draw_noise(1, shape, sample_generator(seed, i)) for i in indices])
+    conds = [conditioning_for(i, seed, fractions, bank) for i in indices]
+    cond = None if conds[0] is None else torch.as_tensor(np.stack(conds), dtype=torch.float32)
+    codes = sample_fast(trained.model, len(indices), tuple(shape), temperature, cond=cond, noise=noise, threads=threads)
+    return codes.cpu(), cond
+
+
+def _sample_chunk(args: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return sample_codes(*args)
+
+
+def sample_workers(device: Any, n_batches: int) -> int:
+    """Processes that sample side by side: one per usable free core on a CPU (each with one thread, since the
+    work per position is too small to split across threads), one on a GPU."""
+    from dualsynth.config import auto_threads
+
+    if getattr(device, "type", str(device)) != "cpu":
+        return 1
+    return max(1, min(auto_threads(), n_batches))
+
+
+def sample_dataset(
+    prior_dir: str | Path,
+    out_dir: str | Path,
+    n: int,
+    *,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    phase_fractions: str | None = None,
+    min_object_area: int | None = None,
+    z_shape: Sequence[int] | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    grid_pairs: int = 8,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Sample `n` z-matrices from a trained prior, decode them with its VQ-VAE and write a dataset folder.
+
+    Each decoded mask is cleaned up by `dualsynth.postprocess.clean_mask` (k-means to the class levels, small
+    objects filled from their neighbours). The folder has the `prepare` format (origin=synthetic, split=train),
+    with the raw decoded masks in raw_masks/ (manifest column `raw_mask`), the z-matrices in codes.npz, the
+    pairs of the first samples in grid.png (paper Figs. 10-11) and a summary in sample.json.
+    `phase_fractions` ("f0,f1,...") needs a prior trained with phase-fraction conditioning. Sample i depends on
+    (`seed`, i) only, not on `batch_size` or `workers` (processes sampling side by side on a CPU; None: one per
+    free core).
+    """
+    from dualsynth.config import resolve_device
+    from dualsynth.data import DatasetFolder, DatasetWriter, default_classes, split_joint
+    from dualsynth.models.vqvae import decode, load_vqvae
+    from dualsynth.training.prior import load_prior
+
+    if n < 1:
+        raise InputError("--n", "must be at least 1")
+    if batch_size < 1:
+        raise InputError("--batch", "must be at least 1")
+    if temperature < 0:
+        raise InputError("--temperature", "must be >= 0")
+    dev = resolve_device(device)
+    trained = load_prior(prior_dir, dev)
+    if phase_fractions is not None and trained.condition != "phase-fractions":
+        raise InputError(
+            "--phase-fractions",
+            f"prior {prior_dir} was trained without conditioning; train one with --condition phase-fractions",
+        )
+    fractions = parse_phase_fractions(phase_fractions, trained.num_classes)
+    vqvae = load_vqvae(trained.vqvae_dir, dev)
+    vc = vqvae.config
+    shape = tuple(int(s) for s in (z_shape or trained.z_shape))
+    data_folder = DatasetFolder(trained.data_dir) if trained.data_dir and Path(trained.data_dir).is_dir() else None
+    classes = data_folder.classes if data_folder is not None else default_classes(vc.num_classes)
+    c_img = vc.image_channels
+    batches = [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
+    workers = sample_workers(dev, len(batches)) if workers is None else max(1, int(workers))
+    jobs = [(str(prior_dir), idx, shape, seed, temperature, fractions, str(dev), 1 if dev.type == "cpu" else None)
+            for idx in batches]
+
+    all_codes, all_cond, names, changed, grid = [], [], [], [], []
+    t0 = time.perf_counter()
+    with DatasetWriter(out_dir, classes, overwrite=overwrite) as writer, _pool(workers) as pool:
+        bar = progress_bar(enabled=progress, total=n, desc="sample", unit="pair")
+        results = pool.map(_sample_chunk, jobs) if pool is not None else map(_sample_chunk, jobs)
+        for index, (codes, cond) in zip(batches, results):
+            joints = decode(vqvae, codes)
+            for i, z, joint in zip(index, codes, joints):
+                image = np.moveaxis(joint[:c_img].clamp(0, 1).numpy(), 0, -1)
+                decoded_mask = joint[c_img:]
+                clean = np.asarray(clean_mask(decoded_mask[0] if vc.mask_encoding == "levels" else decoded_mask,
+                                              vc.num_classes, vc.mask_encoding, min_object_area))
+                raw_png = raw_mask_png(decoded_mask, vc.num_classes, vc.mask_encoding)
+                _, raw_classes = split_joint(joint, vc.num_classes, vc.mask_encoding)
+                changed.append(float(np.mean(np.asarray(raw_classes) != clean)))
+                rec = writer.add(f"synthetic-{i:05d}", image, clean, split="train", source=Path(prior_dir).name,
+                                 origin="synthetic")
+                save_png(writer.tmp / RAW_MASKS / rec.file, raw_png)
+                rec.extra["raw_mask"] = f"{RAW_MASKS}/{rec.file}"
+                names.append(rec.file)
+                if len(grid) < grid_pairs:
+                    grid.append((image, raw_png, clean))
+            all_codes.append(codes)
+            if cond is not None:
+                all_cond.append(cond)
+            bar.update(len(index))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        codes_np = torch.cat(all_codes).numpy().astype(np.int16)
+        cond_np = torch.cat(all_cond).numpy() if all_cond else np.zeros((0, 0), dtype=np.float32)
+        with atomic_path(writer.tmp / CODES_FILE) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, codes=codes_np, cond=cond_np, files=np.asarray(names, dtype=str))
+        draw_pairs(writer.tmp / GRID_FILE, grid, classes)
+        summary = {
+            "prior": str(Path(prior_dir).resolve()),
+            "prior_step": trained.step,
+            "prior_bits_per_code": trained.bits_per_code,
+            "arch": trained.model.config.arch,
+            "vqvae": str(trained.vqvae_dir),
+            "data": None if trained.data_dir is None else str(trained.data_dir),
+            "n": n,
+            "seed": seed,
+            "temperature": temperature,
+            "condition": trained.condition,
+            "phase_fractions": None if fractions is None else fractions.tolist(),
+            "min_object_area": min_object_area,
+            "z_shape": list(shape),
+            "tile_shape": [int(s) for s in joints.shape[-2:]],
+            "distinct_z_matrices": distinct_count(codes_np),
+            "mean_changed_by_cleanup": float(np.mean(changed)),
+            "sampling_seconds": seconds,
+            "workers": workers,
+            "device": str(dev),
+        }
+        write_json(writer.tmp / SUMMARY_FILE, summary)
+    return summary
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    """A pool of `workers` spawned processes (None for one: the work runs here)."""
+    if workers <= 1:
+        yield None
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield _Ordered(pool)
+
+
+class _Ordered:
+    """pool.imap: results in job order, each as soon as it and those before it are done."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def map(self, fn, jobs):
+        return self.pool.imap(fn, jobs)
+
+
+def distinct_count(codes: np.ndarray) -> int:
+    """Number of different z-matrices among (N, h, w)."""
+    if len(codes) == 0:
+        return 0
+    return int(np.unique(codes.reshape(len(codes), -1), axis=0).shape[0])
+
+
+def draw_pairs(path: Path, pairs: list, classes) -> None:
+    """Paper Figs. 10-11: per row a synthetic micrograph, its raw decoded mask and the cleaned mask."""
+    if not pairs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dualsynth.data import colorize_mask
+
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(7.5, 2.5 * len(pairs)), squeeze=False)
+    for row, (image, raw, clean) in zip(axes, pairs):
+        row[0].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        row[1].imshow(raw, cmap="gray", vmin=0, vmax=65535)
+        row[2].imshow(colorize_mask(clean, classes))
+        for ax in row:
+            ax.axis("off")
+    for ax, title in zip(axes[0], ("synthetic micrograph", "raw decoded mask", "clean mask")):
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(path, fig)
+
+
+# --- `inspect`: is a synthetic set like the real one? --------------------------------------------------------
+
+
+def tile_fractions(folder, records) -> np.ndarray:
+    """Class fractions (N, C) of each tile's mask."""
+    c = folder.num_classes
+    rows = [np.bincount(folder.load_mask(r).ravel(), minlength=c)[:c] for r in records]
+    counts = np.asarray(rows, dtype=np.float64).reshape(len(rows), c)
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def inspect_synthetic(synthetic_dir: str | Path, real_dir: str | Path | None = None) -> dict[str, Any]:
+    """Quality report of a synthetic dataset folder; also written to SYNTHETIC/inspect.json.
+
+    Phase fractions (mean and spread over tiles) next to the real training tiles' (`real_dir`, default the
+    dataset the prior was trained on); the fraction of mask pixels the clean-up changed (from raw_masks/);
+    how many z-matrices are distinct and how many repeat a training z-matrix exactly.
+    """
+    from dualsynth.data import DatasetFolder
+
+    synthetic_dir = Path(synthetic_dir)
+    folder = DatasetFolder(synthetic_dir)
+    records = folder.records(origin="synthetic") or folder.records()
+    info = {}
+    summary_path = synthetic_dir / SUMMARY_FILE
+    if summary_path.is_file():
+        info = json.loads(summary_path.read_text())
+    if real_dir is None and info.get("data"):
+        real_dir = info["data"]
+    syn = tile_fractions(folder, records)
+    report: dict[str, Any] = {"synthetic": str(synthetic_dir), "tiles": len(records), "classes": folder.class_names,
+                              "synthetic_fractions": _spread(syn)}
+    if real_dir is not None and Path(real_dir).is_dir():
+        real = DatasetFolder(real_dir)
+        if real.num_classes != folder.num_classes:
+            raise InputError(real_dir, f"has {real.num_classes} classes, the synthetic set {folder.num_classes}")
+        real_recs = real.records(split="train", origin="real") or real.records(split="train")
+        report["real"] = str(real_dir)
+        report["real_tiles"] = len(real_recs)
+        report["real_fractions"] = _spread(tile_fractions(real, real_recs))
+    changed = []
+    for rec in records:
+        raw_file = rec.extra.get("raw_mask")
+        if raw_file:
+            raw = raw_mask_classes(read_image(synthetic_dir / raw_file), folder.num_classes)
+            changed.append(float(np.mean(raw != folder.load_mask(rec))))
+    if changed:
+        report["changed_by_cleanup"] = {"mean": float(np.mean(changed)), "max": float(np.max(changed))}
+    codes_path = synthetic_dir / CODES_FILE
+    if codes_path.is_file():
+        with np.load(codes_path) as npz:
+            codes = npz["codes"]
+        report["z_matrices"] = len(codes)
+        report["distinct_z_matrices"] = distinct_count(codes)
+        copies = _training_copies(codes, info.get("prior"))
+        if copies is not None:
+            report["copies_of_training_z_matrices"] = copies
+    write_json(synthetic_dir / "inspect.json", report)
+    return report
+
+
+def _spread(fractions: np.ndarray) -> dict[str, list[float]]:
+    return {"mean": fractions.mean(axis=0).tolist(), "std": fractions.std(axis=0).tolist()}
+
+
+def _training_copies(codes: np.ndarray, prior_dir: str | None) -> int | None:
+    """How many sampled z-matrices equal a training z-matrix of the prior (memorisation check)."""
+    if not prior_dir or not (Path(prior_dir) / CODES_FILE).is_file():
+        return None
+    with np.load(Path(prior_dir) / CODES_FILE) as npz:
+        train = npz["train_codes"]
+    if train.shape[1:] != codes.shape[1:]:
+        return 0
+    seen = {row.tobytes() for row in train.astype(np.int16)}
+    return int(sum(row.tobytes() in seen for row in codes.astype(np.int16)))
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    """The inspect report as a table: per class, synthetic mean ± std next to real mean ± std."""
+    names = report["classes"]
+    width = max(8, *(len(n) for n in names))
+    has_real = "real_fractions" in report
+    header = f"{'class':<{width}}  {'synthetic':>15}" + (f"  {'real (train)':>15}" if has_real else "")
+    lines = [f"phase fractions over {report['tiles']} synthetic tiles"
+             + (f" and {report['real_tiles']} real training tiles" if has_real else "") + " (mean ± std):", header]
+    for k, name in enumerate(names):
+        s = report["synthetic_fractions"]
+        line = f"{name:<{width}}  {s['mean'][k]:>7.3f} ± {s['std'][k]:<5.3f}"
+        if has_real:
+            r = report["real_fractions"]
+            line += f"  {r['mean'][k]:>7.3f} ± {r['std'][k]:<5.3f}"
+        lines.append(line)
+    if "changed_by_cleanup" in report:
+        c = report["changed_by_cleanup"]
+        lines.append(f"mask pixels changed by the clean-up: {100 * c['mean']:.2f}% on average (max {100 * c['max']:.2f}%)")
+    if "distinct_z_matrices" in report:
+        lines.append(f"distinct z-matrices: {report['distinct_z_matrices']} of {report['z_matrices']}")
+    if "copies_of_training_z_matrices" in report:
+        lines.append(f"exact copies of training z-matrices: {report['copies_of_training_z_matrices']}")
+    return "\n".join(lines)
