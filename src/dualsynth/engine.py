@@ -9,7 +9,8 @@ checkpoints carry. The engine owns everything around that, written once:
 - resume from ``checkpoints/last.pt``: weights, optimizers, grad scalers and the training state (including
   running log windows and best scores), so a resumed run is bit-identical to one that never stopped;
 - ``last``/``best`` checkpoints (atomic), checkpoints on Ctrl-C, ``stop_after`` for tests;
-- autocast and a GradScaler per optimizer where the device needs one (fp16 CUDA), none on CPU;
+- autocast (bf16/fp16 on CUDA, bf16 on CPUs that have it in hardware) and a GradScaler per optimizer where
+  the precision needs one (fp16 on CUDA);
 - the progress bar, windowed log rows, the thread policy (`dualsynth.config.apply_threads`);
 - small handlers that trainers share: learning-rate schedules as pure functions of the step, and the
   paper's ReduceLROnPlateau and EarlyStopping on a monitored score.
@@ -30,7 +31,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 import numpy as np
 import torch
 
-from dualsynth.config import autocast, grad_scaler
+from dualsynth.config import amp_dtype, autocast, grad_scaler
 from dualsynth.io import progress_bar
 from dualsynth.runs import RunFolder, capture_rng_state
 
@@ -122,6 +123,7 @@ class Engine:
         state: Mapping[str, Any] | None = None,
         checkpoint_extra: Callable[[], Mapping[str, Any]] | None = None,
         run_config: Mapping[str, Any] | None = None,
+        precision: str = "auto",
     ):
         self.run = run
         self.device = device
@@ -136,6 +138,7 @@ class Engine:
                                       "window": {}, **dict(state or {})}
         self.checkpoint_extra = checkpoint_extra or (lambda: {})
         self.run_config = dict(run_config or {})
+        self.precision = precision
         self.items_seen = 0
         self._t0 = time.perf_counter()
 
@@ -143,6 +146,12 @@ class Engine:
     @property
     def model(self) -> torch.nn.Module:
         return next(iter(self.models.values()))
+
+    @property
+    def amp_name(self) -> str:
+        """The precision training steps run in here: bfloat16, float16 or float32 (for the manifest)."""
+        dtype = amp_dtype(self.device, self.precision, training=True)
+        return "float32" if dtype is None else str(dtype).replace("torch.", "")
 
     @property
     def done(self) -> int:
@@ -174,8 +183,9 @@ class Engine:
     # -- inside an iteration ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """Mixed precision on CUDA (bf16 where supported, else fp16); nothing on CPU."""
-        with autocast(self.device):
+        """Mixed precision for the training step (`dualsynth.config.amp_dtype`): on CUDA bf16 or fp16, on a CPU
+        bf16 where it has it in hardware (precision `auto`), none with precision `fp32`."""
+        with autocast(self.device, self.precision, training=True):
             yield
 
     def set_lr(self, lr: float, optimizer: str | None = None) -> None:

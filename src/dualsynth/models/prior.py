@@ -316,8 +316,10 @@ class PixelCNN(_Prior):
 
 
 def _gate(x: torch.Tensor) -> torch.Tensor:
+    """tanh(a) * sigmoid(b), with tanh(a) written as 2 sigmoid(2a) - 1: the same function, and on CPUs torch's
+    sigmoid kernel is several times faster than its tanh (docs/benchmarks.md)."""
     a, b = x.chunk(2, dim=1)
-    return torch.tanh(a) * torch.sigmoid(b)
+    return (2 * torch.sigmoid(2 * a) - 1) * torch.sigmoid(b)
 
 
 class GatedLayer(nn.Module):

@@ -55,6 +55,10 @@ class SegTrainConfig(StrictModel):
     min_lr: float = Field(1e-6, ge=0, description="the lr is never reduced below this")
     early_stop_patience: int = Field(15, ge=1, description="epochs without improvement before stopping (paper: 15)")
     seed: int = Field(0, ge=0, description="seed of every random choice in the run")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
+        "hardware), fp32, or bf16"
+    )
 
     @field_validator("encoder_weights")
     @classmethod
@@ -197,7 +201,7 @@ def train_segmentation(
     engine = Engine(
         run, dev, models={"unet": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
         seed=config.seed, total=config.epochs, unit="epoch", first=1, state={"lr": config.lr},
-        run_config=run_config,
+        run_config=run_config, precision=config.precision,
     )
     if resume:
         engine.resume()
@@ -230,18 +234,18 @@ def train_segmentation(
         value = row[monitor_key]
         plateau.update(engine, engine.keep_if_best(value, "max", **{config.monitor: value}))
         engine.log(row)
-        draw_learning_curve(run.path, config.monitor)
         if on_epoch is not None:
             on_epoch(row)
         return {config.monitor: f"{100 * value:.1f}"}
 
     engine.run_loop(epoch_fn, after, checkpoint_every=1, stop_after=stop_after, progress=False)
+    draw_learning_curve(run.path, config.monitor)  # once per call, not per epoch: a figure costs a fraction of an epoch
 
     best = engine.state["best"]
     summary = {"run": str(run.path), "epochs_done": engine.done, "finished": engine.finished,
                "stopped_early": bool(engine.state["stopped"]), "best_epoch": engine.state["best_at"],
                "monitor": config.monitor, "best": best}
-    run.write_manifest(inputs, device=str(dev), **{k: v for k, v in summary.items() if k != "run"})
+    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, **{k: v for k, v in summary.items() if k != "run"})
     return summary
 
 

@@ -75,6 +75,10 @@ class PriorTrainConfig(StrictModel):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="cosine: decay to 5% of lr at the end")
     seed: int = Field(0, ge=0, description="seed of every random choice in the run")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
+        "hardware), fp32, or bf16"
+    )
     eval_every: int = Field(100, ge=1, description="steps per validation (log.csv row; best.pt is checked here)")
     checkpoint_every: int = Field(100, ge=1, description="steps per checkpoints/last.pt")
 
@@ -371,6 +375,7 @@ def train_prior(
     engine = Engine(
         run, dev, models={"prior": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
         seed=config.seed, total=config.steps, unit="step", checkpoint_extra=lambda: extra, run_config=run_config,
+        precision=config.precision,
     )
     if resume:
         engine.resume()
@@ -415,7 +420,7 @@ def train_prior(
         "train_z_matrices": len(train),
         "z_shape": list(train.codes.shape[-2:]),
     }
-    run.write_manifest(inputs, device=str(dev), steps_done=engine.done, best_step=engine.state["best_at"],
+    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, steps_done=engine.done, best_step=engine.state["best_at"],
                        best_bits_per_code=engine.state["best"])
     return summary
 

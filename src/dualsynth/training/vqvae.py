@@ -70,6 +70,10 @@ class VQVAETrainConfig(StrictModel):
         "constant", description="constant (Sonnet, paper) or cosine decay to 5% of lr at the last step"
     )
     seed: int = Field(0, ge=0, description="seed of every random choice in the run")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
+        "hardware), fp32, or bf16"
+    )
     log_every: int = Field(100, ge=1, description="steps per log.csv row (window means); best.pt is checked here")
     monitor_every: int = Field(1000, ge=1, description="steps per monitoring figure (paper Figs. 7 and 8)")
     checkpoint_every: int = Field(1000, ge=1, description="steps per checkpoints/last.pt")
@@ -223,6 +227,7 @@ def train_vqvae(
     engine = Engine(
         run, dev, models={"vqvae": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
         seed=config.seed, total=config.steps, unit="step", state={"history": []}, run_config=run_config,
+        precision=config.precision,
     )
     if resume:
         engine.resume()
@@ -266,7 +271,8 @@ def train_vqvae(
                                "best_error": engine.state["best"]}
     if engine.finished:
         summary["report"] = report_vqvae(run.path, data_dir, device=str(dev), print_table=False)
-    run.write_manifest(inputs, device=str(dev), steps_done=engine.done, best_step=engine.state["best_at"])
+    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, steps_done=engine.done,
+                       best_step=engine.state["best_at"])
     return summary
 
 
