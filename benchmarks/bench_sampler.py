@@ -69,7 +69,7 @@ def bench(arch: str, preset: str, side: int, n: int, naive_positions: int, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="model sizes (paper: keras-example PixelCNN)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="model sizes (paper: the paper preset's PixelCNN)")
     parser.add_argument("--n", type=int, default=1, help="z-matrices sampled at once")
     parser.add_argument("--naive-positions", type=int, default=128, help="positions the naive sampler is timed on (0: all)")
     parser.add_argument("--sides", default="32,64", help="grid sides, comma-separated")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dualsynth.config import load_config
 from dualsynth.data import ClassInfo, DatasetFolder, DatasetWriter
 from dualsynth.errors import InputError
 from dualsynth.io import read_csv, read_image
@@ -260,3 +261,22 @@ def test_cli_train_sample_inspect(vqvae, tmp_path, capsys):
     assert code == 2 and err.startswith("error: --phase-fractions") and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["train-prior", "--vqvae", tmp_path / "nothing", "--out", tmp_path / "u"], capsys)
     assert code == 2 and "error:" in err and len(err.strip().splitlines()) == 1
+
+
+def test_paper_preset_trains_the_papers_pixelcnn():
+    config = load_config(PriorTrainConfig, PRESETS, "paper")
+    assert config.arch == "pixelcnn" and config.augment == "none" and config.crop is None
+    assert config.lr_schedule == "constant"
+    assert load_config(PriorTrainConfig, PRESETS, "quick").arch == "gated"
+
+
+def test_sampling_processes_give_the_same_pairs_as_one(prior, tmp_path):
+    run, _ = prior
+    one = sample_dataset(run, tmp_path / "one", 4, seed=5, batch_size=1, min_object_area=4, progress=False, workers=1)
+    two = sample_dataset(run, tmp_path / "two", 4, seed=5, batch_size=1, min_object_area=4, progress=False, workers=2)
+    assert (one["workers"], two["workers"]) == (1, 2)
+    with np.load(tmp_path / "one" / "codes.npz") as a, np.load(tmp_path / "two" / "codes.npz") as b:
+        assert np.array_equal(a["codes"], b["codes"])
+    for rec in DatasetFolder(tmp_path / "one").records():
+        for sub in ("images", "masks"):
+            assert (tmp_path / "one" / sub / rec.file).read_bytes() == (tmp_path / "two" / sub / rec.file).read_bytes()

@@ -352,3 +352,56 @@ def test_per_image_normalisation_ignores_brightness_and_contrast():
     with torch.no_grad():
         a, b = model(x), model(0.5 * x + 0.3)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+# --- the paper preset and its ImageNet weights --------------------------------------------------------------
+
+
+def test_paper_preset_is_table_3():
+    config = load_config(SegTrainConfig, PRESETS, "paper")
+    assert config.model.encoder == "efficientnet-b3" and config.encoder_weights == "imagenet"
+    assert (config.batch_size, config.val_batch_size, config.epochs, config.lr) == (2, 1, 200, 1e-3)
+    assert config.loss == "dice_focal" and config.monitor == "miou"  # "the IoU score"
+    assert (config.lr_patience, config.early_stop_patience, config.crop, config.flips) == (5, 15, None, False)
+    assert config.augment == "none" and config.model.normalize == "none"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch caches: nothing may be downloaded, so `imagenet` must come from them."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch"))
+    yield tmp_path / "hf"
+    torch.hub.set_dir(before)
+
+
+def test_imagenet_weights_are_read_from_the_local_cache_only(hub_cache, tmp_path):
+    import segmentation_models_pytorch as smp
+    from safetensors.torch import save_file
+
+    arch = UNetArchitecture(**TINY["model"])
+    with pytest.raises(InputError, match="not in the local cache.*hf download smp-hub/resnet18.imagenet"):
+        build_unet(arch, 3, CLASSES, "imagenet")
+    # lay the file where smp's own download would have put it
+    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    snapshot = hub_cache / "models--smp-hub--resnet18.imagenet" / "snapshots" / settings["revision"]
+    snapshot.mkdir(parents=True)
+    torch.manual_seed(7)
+    reference = smp.encoders.get_encoder("resnet18", in_channels=3, depth=5, weights=None)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(snapshot / "model.safetensors"))
+    rgb = build_unet(arch, 3, CLASSES, "imagenet")
+    assert torch.equal(rgb.net.encoder.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    grey = build_unet(arch, 1, CLASSES, "imagenet")  # adapted to grey input as smp adapts its own weights
+    assert torch.equal(grey.net.encoder.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
+
+
+def test_paper_preset_without_cached_weights_is_one_line_and_writes_nothing(hub_cache, tmp_path, capsys):
+    real = squares_dataset(tmp_path / "real")
+    code, _, err = run_cli(["train-seg", "--train", real, "--out", tmp_path / "run", "--preset", "paper",
+                            "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "ImageNet weights for 'efficientnet-b3'" in err and "hf download" in err
+    assert not (tmp_path / "run").exists()

@@ -230,3 +230,14 @@ def test_cli_train_resume_encode_report(dataset, tmp_path, capsys):
     assert code == 2 and "unknown config key 'model.K'" in err
     code, out, err = run_cli(["report-vqvae", tmp_path], capsys)
     assert code == 2 and "not a run folder" in err
+
+
+def test_paper_preset_is_table_4_with_our_additions_off():
+    from dualsynth.config import load_config
+
+    config = load_config(VQVAETrainConfig, PRESETS, "paper")
+    m = config.model
+    assert (m.embedding_dim, m.num_embeddings, m.downsample, config.batch_size, config.steps) == (64, 10, 4, 8, 50_000)
+    assert config.tile is None and not config.augment and config.lr_schedule == "constant"
+    assert not m.kmeans_init and m.dead_code_steps == 0
+    assert m.ema and m.decay == 0.99 and m.commitment_cost == 0.25 and config.lr == 3e-4   # Sonnet's example

@@ -197,28 +197,32 @@ def usable_cores() -> int:
 
 
 def busy_cores(interval: float = 0.3) -> float:
-    """How many cores other work keeps busy now: the share of non-idle CPU time over `interval` seconds
-    (/proc/stat, Linux), else the 1-minute load average. Measured while this process waits, so its own past
-    work (an earlier training stage) does not count, as it would in the load average."""
+    """How many cores other work keeps busy now: non-idle CPU time over `interval` seconds (/proc/stat, Linux)
+    less this process's own (its thread pools may still spin after earlier work), else the 1-minute load
+    average. Measured while this process waits, so its own earlier work does not count, as it would in the
+    load average."""
     import os
     import time
 
-    def snapshot() -> tuple[float, float] | None:
+    def busy_seconds() -> float | None:
         try:
             with open("/proc/stat") as fh:
                 fields = [float(v) for v in fh.readline().split()[1:]]
         except (OSError, ValueError):
             return None
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-        return sum(fields), idle
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal, in seconds
 
-    first = snapshot()
+    def own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    first, own0, t0 = busy_seconds(), own_seconds(), time.perf_counter()
     if first is not None:
         time.sleep(interval)
-        second = snapshot()
-        if second is not None and second[0] > first[0]:
-            total, idle = second[0] - first[0], second[1] - first[1]
-            return max(0.0, (total - idle) / total) * (os.cpu_count() or 1)
+        second, own1, t1 = busy_seconds(), own_seconds(), time.perf_counter()
+        if second is not None:
+            return max(0.0, (second - first) - (own1 - own0)) / max(t1 - t0, 1e-6)
     try:
         return float(os.getloadavg()[0])
     except (AttributeError, OSError):

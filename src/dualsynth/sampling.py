@@ -6,7 +6,7 @@ up front, and not inside the loop, the two samplers consume exactly the same ran
 seed they return the same z-matrices; only the work per position differs:
 
 - `sample_naive` runs the whole network over the whole grid for each of the H*W positions (what the paper's
-  keras sampler does): O((H*W)^2) work.
+  sampler in §4.2 describes): O((H*W)^2) work.
 - `sample_fast` asks the prior for the logits at (i, j) only (`start_sampling` / `begin_row` / `logits_at`
   in `dualsynth.models.prior`): each layer's activation at the new position is computed once, from cached
   activations of earlier positions (for the gated PixelCNN, the vertical stack advances one row per grid row

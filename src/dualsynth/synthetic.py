@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dualsynth.engine import iteration_seed
 from dualsynth.errors import InputError
 from dualsynth.io import atomic_path, progress_bar, read_image, save_figure, save_png, write_json
 from dualsynth.postprocess import clean_mask
@@ -50,7 +51,7 @@ def parse_phase_fractions(text: str | None, num_classes: int) -> np.ndarray | No
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The random stream of sample `index`: a sample depends on (seed, index) only, not on the batch size."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    return torch.Generator().manual_seed(iteration_seed(seed, index))
 
 
 def conditioning_for(index: int, seed: int, fractions: np.ndarray | None, bank: np.ndarray | None) -> np.ndarray | None:

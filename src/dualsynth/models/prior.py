@@ -2,7 +2,8 @@
 
 Two architectures, one interface (`forward(codes (B, H, W) long, cond (B, F) | None) -> logits (B, K, H, W)`):
 
-- `PixelCNN`, the paper's prior, built as in the keras.io VQ-VAE example it adapted: one-hot codes -> 7x7
+- `PixelCNN`, the paper's prior. The paper gives no architecture details; ours is built like the keras.io
+  VQ-VAE example's PixelCNN (our choice, not cited by the paper): one-hot codes -> 7x7
   mask-A convolution -> residual blocks with 3x3 mask-B convolutions -> 1x1 mask-B layers -> logits over the K
   codes. Stacked masked convolutions leave a *blind spot* (positions up and to the right that no output ever
   sees); the paper's section 7 reports this prior failing on layered microstructures, and its conclusion
@@ -49,7 +50,7 @@ def _odd(value: int) -> int:
 
 
 class PixelCNNArchitecture(StrictModel):
-    """Sizes of the paper's PixelCNN (keras.io VQ-VAE example); defaults are that example's."""
+    """Sizes of the PixelCNN; defaults are those of the keras.io VQ-VAE example's PixelCNN (our choice)."""
 
     hidden: int = Field(128, ge=2, description="channels of the trunk (keras example: 128)")
     num_residual_blocks: int = Field(2, ge=0, description="1x1 -> 3x3 mask-B -> 1x1 residual blocks (keras: 2)")
@@ -232,7 +233,7 @@ class MaskedConv2d(nn.Conv2d):
 
 
 class _PixelResidualBlock(nn.Module):
-    """keras example: 1x1 conv -> 3x3 mask-B conv (half the channels) -> 1x1 conv, each ReLU, plus input."""
+    """1x1 conv -> 3x3 mask-B conv (half the channels) -> 1x1 conv, each ReLU, plus input (as the keras example)."""
 
     def __init__(self, channels: int, kernel: int, cond_dim: int):
         super().__init__()
@@ -253,7 +254,7 @@ class _PixelResidualBlock(nn.Module):
 
 
 class PixelCNN(_Prior):
-    """The paper's PixelCNN prior (keras.io VQ-VAE example), with optional vector conditioning.
+    """The paper's PixelCNN prior (layers as the keras.io VQ-VAE example's), with optional vector conditioning.
 
     With `cond_dim=0` this is the example's network exactly; otherwise the conditioning vector is projected
     and added before the first layer's and each residual block's masked-convolution activation.

@@ -245,7 +245,7 @@ def train_segmentation(
     summary = {"run": str(run.path), "epochs_done": engine.done, "finished": engine.finished,
                "stopped_early": bool(engine.state["stopped"]), "best_epoch": engine.state["best_at"],
                "monitor": config.monitor, "best": best}
-    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, **{k: v for k, v in summary.items() if k != "run"})
+    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, threads=torch.get_num_threads(), **{k: v for k, v in summary.items() if k != "run"})
     return summary
 
 

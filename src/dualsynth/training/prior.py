@@ -420,7 +420,7 @@ def train_prior(
         "train_z_matrices": len(train),
         "z_shape": list(train.codes.shape[-2:]),
     }
-    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, steps_done=engine.done, best_step=engine.state["best_at"],
+    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, threads=torch.get_num_threads(), steps_done=engine.done, best_step=engine.state["best_at"],
                        best_bits_per_code=engine.state["best"])
     return summary
 

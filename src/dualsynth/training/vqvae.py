@@ -271,7 +271,7 @@ def train_vqvae(
                                "best_error": engine.state["best"]}
     if engine.finished:
         summary["report"] = report_vqvae(run.path, data_dir, device=str(dev), print_table=False)
-    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, steps_done=engine.done,
+    run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, threads=torch.get_num_threads(), steps_done=engine.done,
                        best_step=engine.state["best_at"])
     return summary
 

@@ -1,0 +1,148 @@
+"""The one training engine: resume, checkpoints, two models with two optimizers, best/plateau handlers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dualsynth.engine import (
+    Engine,
+    Plateau,
+    epoch_batches,
+    improved,
+    iteration_seed,
+    scheduled_lr,
+    step_batch,
+)
+from dualsynth.io import read_csv
+from dualsynth.runs import RunFolder
+
+DATA = torch.randn(64, 6)
+
+
+def _gan_run(path, stop_after=None, resume=False, total=12):
+    """A step with two models and two optimizers, as an adversarial VQ-VAE or a mask-to-image generator needs:
+    the generator and the critic update in turn, with dropout and random batches in every step."""
+    run = RunFolder.create(path, {"what": "gan"}, kind="test", resume=resume)
+    torch.manual_seed(0)
+    gen = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 6))
+    critic = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    engine = Engine(run, torch.device("cpu"), models={"gen": gen, "critic": critic},
+                    optimizers={"main": torch.optim.Adam(gen.parameters(), 1e-2),
+                                "critic": torch.optim.Adam(critic.parameters(), 1e-2)},
+                    seed=3, total=total, unit="step", precision="fp32")
+    if resume:
+        engine.resume()
+
+    def update(step):
+        x = DATA[step_batch(len(DATA), 8, 3, step)]
+        fake = gen(x)
+        engine.optimize(torch.relu(1 + critic(fake.detach())).mean() + torch.relu(1 - critic(x)).mean(), "critic")
+        g_loss = -critic(fake).mean() + ((fake - x) ** 2).mean()
+        engine.optimize(g_loss)
+        engine.accumulate({"g_loss": g_loss.item()})
+
+    def after(step, _):
+        if (step + 1) % 4 == 0:
+            row = {"step": step + 1, **engine.window_means()}
+            engine.log(row)
+            engine.keep_if_best(row["g_loss"], "min")
+
+    engine.run_loop(update, after, checkpoint_every=5, stop_after=stop_after, progress=False)
+    return engine, gen, critic
+
+
+def test_two_models_two_optimizers_resume_bit_identically(tmp_path):
+    _, gen_a, critic_a = _gan_run(tmp_path / "straight")
+    engine, _, _ = _gan_run(tmp_path / "stopped", stop_after=7)
+    assert engine.done == 7 and not engine.finished
+    ckpt = RunFolder(tmp_path / "stopped").load_checkpoint("last")
+    assert set(ckpt["optimizers"]) == {"main", "critic"} and set(ckpt["modules"]) == {"critic"}
+    assert ckpt["train_state"]["step"] == 7
+    engine, gen_b, critic_b = _gan_run(tmp_path / "stopped", resume=True)
+    assert engine.done == 12 and engine.finished
+    for a, b in zip([*gen_a.parameters(), *critic_a.parameters()], [*gen_b.parameters(), *critic_b.parameters()]):
+        assert torch.equal(a, b)
+    # the log of the resumed run equals the straight one (the window at step 7 was kept in the checkpoint)
+    assert read_csv(tmp_path / "straight" / "log.csv") == read_csv(tmp_path / "stopped" / "log.csv")
+
+
+def test_best_checkpoint_holds_the_first_model_and_the_best_value(tmp_path):
+    engine, gen, _ = _gan_run(tmp_path / "run")
+    best = RunFolder(tmp_path / "run").load_checkpoint("best")
+    rows = read_csv(tmp_path / "run" / "log.csv")
+    losses = [float(r["g_loss"]) for r in rows]
+    assert engine.state["best"] == pytest.approx(min(losses), rel=1e-5)  # log.csv keeps 6 digits
+    assert best["step"] == engine.state["best_at"] == int(rows[int(np.argmin(losses))]["step"])
+    assert set(best["model"]) == set(gen.state_dict())
+
+
+def test_ctrl_c_writes_last_checkpoint_and_reraises(tmp_path):
+    run = RunFolder.create(tmp_path / "run", {}, kind="test")
+    model = torch.nn.Linear(2, 1)
+    engine = Engine(run, torch.device("cpu"), models={"m": model},
+                    optimizers={"main": torch.optim.SGD(model.parameters(), 0.1)}, seed=0, total=10)
+
+    def update(step):
+        if step == 3:
+            raise KeyboardInterrupt
+        engine.optimize(model(torch.ones(1, 2)).sum())
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_loop(update, checkpoint_every=100, progress=False)
+    assert run.load_checkpoint("last")["train_state"]["step"] == 3
+
+
+def test_each_iteration_is_seeded_from_seed_and_number(tmp_path):
+    run = RunFolder.create(tmp_path / "run", {}, kind="test")
+    model = torch.nn.Linear(1, 1)
+    engine = Engine(run, torch.device("cpu"), models={"m": model}, optimizers={"main": torch.optim.SGD(model.parameters(), 0.1)},
+                    seed=5, total=3, unit="epoch", first=1)
+    draws = []
+    engine.run_loop(lambda i: draws.append((i, torch.rand(1).item())), progress=False)
+    expected = []
+    for epoch in (1, 2, 3):
+        torch.manual_seed(iteration_seed(5, epoch))
+        expected.append((epoch, torch.rand(1).item()))
+    assert draws == expected
+
+
+def test_plateau_lowers_the_lr_and_stops_early(tmp_path):
+    run = RunFolder.create(tmp_path / "run", {}, kind="test")
+    model = torch.nn.Linear(1, 1)
+    engine = Engine(run, torch.device("cpu"), models={"m": model}, optimizers={"main": torch.optim.SGD(model.parameters(), 0.1)},
+                    seed=0, total=50, unit="epoch", first=1, state={"lr": 1.0})
+    plateau = Plateau(lr_patience=2, lr_factor=0.1, min_lr=0.05, stop_patience=5)
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.9]
+    lrs = []
+
+    def after(epoch, _):
+        lrs.append(engine.state["lr"])
+        plateau.update(engine, engine.keep_if_best(scores[epoch - 1], "max"))
+
+    engine.run_loop(lambda epoch: None, after, progress=False)
+    # epochs 3..7 do not improve on 0.6: lr drops after 2 and 4 bad epochs (floored at min_lr), stop after 5
+    assert engine.done == 7 and engine.state["stopped"] and engine.finished
+    assert lrs == [1.0, 1.0, 1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.05)]
+    assert engine.state["lr"] == pytest.approx(0.05)
+    assert engine.state["best"] == 0.6 and engine.state["best_at"] == 2
+
+
+def test_improved_treats_nan_as_no_score():
+    assert improved(1.0, math.nan, "max") and improved(1.0, math.nan, "min")
+    assert not improved(math.nan, 0.5, "max") and not improved(math.nan, math.nan, "min")
+    assert improved(0.4, 0.5, "min") and not improved(0.4, 0.5, "max")
+
+
+def test_schedules_and_batch_orders_are_pure_functions():
+    assert scheduled_lr(2.0, "constant", 7, 10) == 2.0
+    assert scheduled_lr(1.0, "cosine", 0, 11) == pytest.approx(1.0)
+    assert scheduled_lr(1.0, "cosine", 10, 11) == pytest.approx(0.05)
+    # every item once per epoch of consecutive steps
+    assert sorted(np.concatenate([step_batch(12, 4, 0, s) for s in range(3)])) == list(range(12))
+    batches = epoch_batches(10, 4, seed=1, epoch=2)
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(np.concatenate(batches)) == list(range(10))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, epoch_batches(10, 4, seed=1, epoch=2)))
