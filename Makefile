@@ -30,6 +30,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
+	$(PY) benchmarks/bench_threads.py
 	$(PY) benchmarks/bench_vqvae.py
 	$(PY) benchmarks/bench_sampler.py
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dualsynth.config import autocast, resolve_device
+from dualsynth.config import amp_dtype, apply_threads, autocast, resolve_device
 from dualsynth.models.vqvae import VQVAE, VQVAEConfig, reconstruction_losses
 from dualsynth.training.vqvae import PRESETS, VQVAETrainConfig
 
@@ -29,7 +29,7 @@ def throughput(preset: str, steps: int, device: torch.device, tile: int | None =
     x = torch.rand(config.batch_size, model.config.in_channels, side, side, device=device)
 
     def step() -> None:
-        with autocast(device):
+        with autocast(device, "auto", training=True):  # as the engine runs training steps
             out = model(x)
         image_mse, mask_mse = reconstruction_losses(x, out.recon, 1)
         loss = image_mse + mask_mse + out.vq_loss.float()
@@ -60,14 +60,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps-quick", type=int, default=20)
     parser.add_argument("--steps-paper", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", default="auto", help="torch CPU threads: auto (the policy of every command) or N")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     device = resolve_device(args.device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}")
+    precision = amp_dtype(device, "auto", training=True)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}, "
+          f"training precision {precision or 'float32'}")
     rows = [throughput("quick", args.steps_quick, device), throughput("paper", args.steps_paper, device)]
     base = rows[0]["tiles_per_s"]
     print(f"{'size':<8}{'tile':>6}{'batch':>7}{'params':>10}{'s/step':>9}{'tiles/s':>9}{'vs quick':>10}")

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, field_validator
 
 from dualsynth.config import StrictModel, apply_threads, autocast, resolve_device
-from dualsynth.engine import Engine, Plateau, epoch_batches
+from dualsynth.engine import Engine, adam, Plateau, epoch_batches
 from dualsynth.io import progress_bar, read_csv, save_figure
 from dualsynth.metrics import SegmentationScores
 from dualsynth.runs import RunFolder
@@ -199,7 +199,7 @@ def train_segmentation(
     model = build_unet(config.model, data.in_channels, data.classes, "none" if resuming else weights).to(dev)
     run = RunFolder.create(out, run_config, kind=KIND, resume=resume)
     engine = Engine(
-        run, dev, models={"unet": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
+        run, dev, models={"unet": model}, optimizers={"main": adam(model.parameters(), config.lr)},
         seed=config.seed, total=config.epochs, unit="epoch", first=1, state={"lr": config.lr},
         run_config=run_config, precision=config.precision,
     )

@@ -122,6 +122,9 @@ def run_study(
     jobs = [asdict(r) for r in todo]
     if workers is None:
         workers = study_workers(len(jobs), config.device)
+    if workers > 1:
+        # largest training sets first: side by side, the last runs then end close together (fewer idle workers)
+        jobs.sort(key=training_tiles, reverse=True)
     if jobs and backend == "local":
         log(f"study: {min(workers, len(jobs))} worker(s) side by side")
     if not jobs:
@@ -153,6 +156,17 @@ def _score_note(out: Path, name: str) -> str:
         return f", test Missing Class IoU {100 * s['missing_class_iou']:.1f} %"
     except Exception:
         return ""
+
+
+def training_tiles(job: dict[str, Any]) -> int:
+    """How many tiles a study run trains on (its cost per epoch): real tiles plus synthetic ones."""
+    from dualsynth.data import DatasetFolder
+    from dualsynth.segmentation import synthetic_count
+
+    if job["synthetic_only"] is not None:
+        return int(job["synthetic_only"])
+    real = len(DatasetFolder(job["train"]).records(split="train"))
+    return real + synthetic_count(job["percent"] or 0, real)
 
 
 def study_workers(jobs: int, device: str = "auto") -> int:

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from dualsynth.config import StrictModel, apply_threads, autocast, resolve_device
 from dualsynth.data import DatasetFolder, dihedral, join_pair
-from dualsynth.engine import Engine, scheduled_lr, step_batch
+from dualsynth.engine import Engine, adam, scheduled_lr, step_batch
 from dualsynth.errors import InputError
 from dualsynth.io import atomic_path, read_yaml
 from dualsynth.models.prior import (
@@ -373,7 +373,7 @@ def train_prior(
         "cond_bank": None if train.cells is None else _unique_fractions(train).numpy(),
     }
     engine = Engine(
-        run, dev, models={"prior": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
+        run, dev, models={"prior": model}, optimizers={"main": adam(model.parameters(), config.lr)},
         seed=config.seed, total=config.steps, unit="step", checkpoint_extra=lambda: extra, run_config=run_config,
         precision=config.precision,
     )

@@ -32,7 +32,7 @@ from dualsynth.data import (
     random_dihedral,
     split_joint,
 )
-from dualsynth.engine import Engine, scheduled_lr, step_batch
+from dualsynth.engine import Engine, adam, scheduled_lr, step_batch
 from dualsynth.errors import InputError
 from dualsynth.io import atomic_path, read_csv, save_figure, save_png, to_uint8, write_json
 from dualsynth.metrics import SegmentationScores
@@ -225,7 +225,7 @@ def train_vqvae(
     torch.manual_seed(config.seed)
     model = VQVAE(model_config).to(dev)
     engine = Engine(
-        run, dev, models={"vqvae": model}, optimizers={"main": torch.optim.Adam(model.parameters(), lr=config.lr)},
+        run, dev, models={"vqvae": model}, optimizers={"main": adam(model.parameters(), config.lr)},
         seed=config.seed, total=config.steps, unit="step", state={"history": []}, run_config=run_config,
         precision=config.precision,
     )
