@@ -152,7 +152,7 @@ def append_csv_row(path: str | Path, row: Mapping[str, Any]) -> None:
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as stored: ``(H, W)`` or ``(H, W, C)``, dtype kept (uint8, uint16, float...).
 
-    TIFF goes through tifffile (16-bit kept), everything else through Pillow. Unreadable, empty or corrupt
+    TIFF goes through tifffile (16-bit kept), 16-bit colour PNG through pypng, everything else through Pillow. Unreadable, empty or corrupt
     files raise :class:`InputError` naming the file.
     """
     path = Path(path)
@@ -166,6 +166,11 @@ def read_image(path: str | Path) -> np.ndarray:
             import tifffile
 
             array = tifffile.imread(path)
+        elif suffix == ".png" and _png_is_16bit_colour(path):
+            import png  # Pillow reads 16-bit RGB(A) PNGs as 8-bit; pypng keeps the 16 bits
+
+            width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+            array = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, info["planes"])
         else:
             from PIL import Image
 
@@ -193,6 +198,13 @@ def read_image(path: str | Path) -> np.ndarray:
     return array
 
 
+def _png_is_16bit_colour(path: Path) -> bool:
+    """Whether a PNG holds 16-bit RGB or RGBA pixels (colour types 2 and 6 at bit depth 16), from its header."""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
+
+
 def save_png(path: str | Path, array: np.ndarray) -> None:
     """Write a uint8 or uint16 array (grey ``(H, W)`` or ``(H, W, 3|4)``) as PNG, atomically."""
     from PIL import Image
@@ -200,11 +212,15 @@ def save_png(path: str | Path, array: np.ndarray) -> None:
     array = np.asarray(array)
     if array.dtype == np.uint16:
         if array.ndim != 2:
-            # Pillow cannot write 16-bit RGB PNG; tifffile-free fallback via cv2-less path: use imageio
-            import imageio.v3 as iio
+            # Pillow writes 16-bit grey but not 16-bit RGB(A) PNG; pypng writes every PNG colour type
+            import png
 
-            with atomic_path(path) as tmp:
-                iio.imwrite(tmp, array, extension=".png")
+            h, w, c = array.shape
+            if c not in (3, 4):
+                raise TypeError(f"save_png takes (H, W), (H, W, 3) or (H, W, 4) arrays, got {array.shape}")
+            writer = png.Writer(width=w, height=h, greyscale=False, alpha=c == 4, bitdepth=16)
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                writer.write(fh, array.reshape(h, w * c))
             return
         img = Image.fromarray(array)
     elif array.dtype == np.uint8:
