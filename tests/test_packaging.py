@@ -15,6 +15,7 @@ PACKAGE = ROOT / "src" / "dualsynth"
 # import name -> distribution name, where they differ
 DISTRIBUTION_OF = {
     "PIL": "pillow",
+    "png": "pypng",
     "yaml": "pyyaml",
     "skimage": "scikit-image",
     "sklearn": "scikit-learn",
@@ -72,7 +73,7 @@ def third_party_imports(package: Path = PACKAGE) -> dict[str, list[str]]:
 def test_the_import_scan_sees_the_known_third_party_modules():
     found = third_party_imports()
     # top-level, function-level and optional imports alike (the scan must not miss the kinds that were missed)
-    for module in ("torch", "numpy", "PIL", "imageio", "safetensors", "scipy", "threadpoolctl", "ray"):
+    for module in ("torch", "numpy", "PIL", "png", "safetensors", "scipy", "threadpoolctl", "ray"):
         assert module in found, module
     assert not {"os", "json", "dualsynth", "__future__"} & set(found)
 
