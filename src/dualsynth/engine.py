@@ -33,7 +33,7 @@ import torch
 
 from dualsynth.config import amp_dtype, autocast, grad_scaler
 from dualsynth.io import progress_bar
-from dualsynth.runs import RunFolder, capture_rng_state
+from dualsynth.runs import RunFolder
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -249,7 +249,6 @@ class Engine:
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "scalers": {n: s.state_dict() for n, s in self.scalers.items()},
             "train_state": self.state,
-            "rng": capture_rng_state(),
             "run_config": self.run_config,
         })
 

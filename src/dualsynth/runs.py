@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-import random
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 
 from dualsynth import __version__
 from dualsynth.errors import InputError
 from dualsynth.io import append_csv_row, load_torch, read_yaml, save_torch, write_json, write_yaml
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states, so a resumed run continues the same random streams."""
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 class RunFolder:

@@ -157,9 +157,6 @@ def joint_batch(
 # --- training -----------------------------------------------------------------------------------------------
 
 
-LOG_KEYS = ("loss", "recon_error", "image_mse", "mask_mse", "vq_loss", "perplexity", "codes_in_use")
-
-
 def _resolved_model_config(config: VQVAETrainConfig, folder: DatasetFolder) -> VQVAEConfig:
     return VQVAEConfig(
         **config.model.model_dump(),
