@@ -482,6 +482,28 @@ def study_cmd(config_file, out, workers, backend, address, device, threads):
     click.echo(f"report: {summary['report']}")
 # --- end segmentation ---
 
+# --- fidelity ---
+@cli.command("fidelity", context_settings=CONTEXT)
+@click.option("--real", "real_dir", required=True, type=click.Path(), help="Real dataset folder the synthetic set imitates (val+test tiles for the distributions, train tiles for memorisation).")
+@click.option("--synthetic", "synthetic_dir", required=True, type=click.Path(), help="Synthetic dataset folder (from sample).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for fidelity.json, fidelity.md and fidelity.png.")
+@click.option("--model", "model_dir", type=click.Path(), help="train-seg run folder of a real-data U-Net: its encoder gives the KID features, and the pre-test runs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Draws tiles (--max-tiles), pixels and KID subsets.")
+@click.option("--max-tiles", type=click.IntRange(min=1), default=500, show_default=True, help="At most this many tiles of each set and role (real held-out, real train, synthetic), drawn by --seed.")
+@threads_option
+@device_option
+def fidelity_cmd(real_dir, synthetic_dir, out, model_dir, seed, max_tiles, threads, device):
+    """How far is a synthetic set from the real one: phase fractions and object sizes, intensities per class,
+    high-frequency power, two-point correlation, KID, memorisation (and with --model the pre-test)."""
+    from dualsynth.config import apply_threads
+    from dualsynth.fidelity import fidelity, fidelity_headline
+
+    apply_threads(threads)
+    report = fidelity(real_dir, synthetic_dir, out, model_dir, seed=seed, max_tiles=max_tiles, device=device)
+    click.echo(fidelity_headline(report))
+    click.echo(f"wrote fidelity.json, fidelity.md and fidelity.png to {out}")
+# --- end fidelity ---
+
 # --- demo ---
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(), help="Folder for everything the demo writes.")
