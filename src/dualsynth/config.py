@@ -222,7 +222,9 @@ def busy_cores(interval: float = 0.3) -> float:
         time.sleep(interval)
         second, own1, t1 = busy_seconds(), own_seconds(), time.perf_counter()
         if second is not None:
-            return max(0.0, (second - first) - (own1 - own0)) / max(t1 - t0, 1e-6)
+            # /proc/stat counts in clock ticks (10 ms), so short intervals can overshoot: clamp to the cores
+            busy = max(0.0, (second - first) - (own1 - own0)) / max(t1 - t0, 1e-6)
+            return min(busy, float(os.cpu_count() or 1))
     try:
         return float(os.getloadavg()[0])
     except (AttributeError, OSError):
