@@ -263,6 +263,10 @@ def train_vqvae(
 
     engine.run_loop(update, after, checkpoint_every=config.checkpoint_every, stop_after=stop_after,
                     progress=progress, desc="train-vqvae")
+    # the figures once per call, from the snapshots and the log (drawing them at every monitoring step cost
+    # more than the steps between two of them on a small CPU run)
+    draw_monitor_figure(run.path, dict(engine.state["history"]), monitor_rec.file)
+    draw_error_curve(run.path)
 
     summary: dict[str, Any] = {"step": engine.done, "best_step": engine.state["best_at"],
                                "best_error": engine.state["best"]}
@@ -315,8 +319,6 @@ def _monitor(run: RunFolder, model: VQVAE, rec: Any, joint: torch.Tensor, folder
     save_png(monitor_dir / f"step_{step:07d}.png", joint_panel(recon, folder.classes, c.mask_encoding))
     # the validation tile's own error, kept in the training state so a resumed run titles its figure alike
     state["history"] = [h for h in state["history"] if h[0] < step] + [(step, error)]
-    draw_monitor_figure(run.path, dict(state["history"]), rec.file)
-    draw_error_curve(run.path)
 
 
 def draw_monitor_figure(run_dir: Path, errors: dict[int, float], tile_name: str = "") -> None:
