@@ -146,3 +146,15 @@ def test_schedules_and_batch_orders_are_pure_functions():
     batches = epoch_batches(10, 4, seed=1, epoch=2)
     assert [len(b) for b in batches] == [4, 4, 2] and sorted(np.concatenate(batches)) == list(range(10))
     assert all(np.array_equal(a, b) for a, b in zip(batches, epoch_batches(10, 4, seed=1, epoch=2)))
+
+
+def test_a_last_checkpoint_from_before_the_engine_is_refused_in_one_line(tmp_path):
+    from dualsynth.errors import InputError
+
+    run = RunFolder.create(tmp_path / "run", {}, kind="test")
+    model = torch.nn.Linear(2, 1)
+    run.save_checkpoint("last", {"model": model.state_dict(), "optimizer": {}, "train_state": {"step": 3}})
+    engine = Engine(run, torch.device("cpu"), models={"m": model},
+                    optimizers={"main": torch.optim.SGD(model.parameters(), 0.1)}, seed=0, total=10)
+    with pytest.raises(InputError, match="older dualsynth"):
+        engine.resume()

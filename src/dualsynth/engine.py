@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from dualsynth.config import amp_dtype, autocast, grad_scaler
+from dualsynth.errors import InputError
 from dualsynth.io import progress_bar
 from dualsynth.runs import RunFolder
 
@@ -179,6 +180,9 @@ class Engine:
             self.run.truncate_log(self.unit, 0)
             return False
         ckpt = self.run.load_checkpoint("last", map_location=self.device)
+        if "optimizers" not in ckpt or "train_state" not in ckpt:
+            raise InputError(self.run.checkpoint_path("last"), "written by an older dualsynth without the training "
+                             "engine; it cannot be resumed, start a new run folder")
         modules = ckpt.get("modules", {})
         for name, model in self.models.items():
             model.load_state_dict(ckpt["model"] if name == next(iter(self.models)) else modules[name])
