@@ -177,3 +177,57 @@ def test_far_off_synthetic_only_points_do_not_flatten_the_other_series():
     assert 86 < low < 88 and 88.4 < high < 90
     assert any("56.0" in t.get_text() for t in ax.texts)
     plt.close(fig)
+
+
+def _children(pid: int) -> set[int]:
+    from pathlib import Path
+
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text() if (task / "children").exists() else ""
+        found |= {int(p) for p in text.split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_stop_when_the_study_is_killed_and_a_restart_finishes_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    seg = {"preset": "quick", "set": {**TINY_SEG["set"], "epochs": 40, "early_stop_patience": 100}}
+    path = write_study(tmp_path, seg=seg)
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-c", "from dualsynth.cli import main; main()", "study", "--config", str(path),
+           "--out", str(out), "--workers", "2", "--threads", "1"]
+    study = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    logs = [out / "runs" / name / "log.csv" for name in ("HQ-000pct-seed0", "HQ-050pct-seed0")]
+    deadline = time.time() + 120
+    while not all(p.exists() for p in logs) and time.time() < deadline:  # both workers are training
+        time.sleep(0.2)
+    assert all(p.exists() for p in logs), "the workers did not start"
+    workers = _children(study.pid)
+    assert len(workers) >= 2
+    os.kill(study.pid, signal.SIGKILL)  # the study's own process only
+    study.wait()
+    deadline = time.time() + 15
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "worker processes outlived the killed study"
+    assert not all((out / "runs" / n / "evaluation" / "summary.json").exists() for n in ("HQ-000pct-seed0", "HQ-050pct-seed0"))
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-1500:]
+    for name in ("HQ-000pct-seed0", "HQ-050pct-seed0"):
+        rows = read_csv(out / "runs" / name / "log.csv")
+        assert [int(r["epoch"]) for r in rows] == list(range(1, 41))  # resumed, every epoch once
+        assert (out / "runs" / name / "evaluation" / "summary.json").is_file()

@@ -272,3 +272,23 @@ def apply_threads(threads: str | int | None = "auto", workers: int = 1) -> int:
     n = auto_threads(workers) if n is None else n
     torch.set_num_threads(n)
     return n
+
+
+def exit_with_parent(poll_seconds: float = 0.5) -> None:
+    """In a worker process: end it as soon as the process that started it is gone.
+
+    A study or `sample` killed with `kill -9` cannot stop its workers itself; re-parented, they would train on and write the
+    same run folders as a restarted study. A daemon thread watches the parent's pid and ends the worker.
+    """
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -234,7 +234,9 @@ def _pool(workers: int):
         return
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    from dualsynth.config import exit_with_parent
+
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=exit_with_parent) as pool:
         yield _Ordered(pool)
 
 

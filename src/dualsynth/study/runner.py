@@ -183,11 +183,12 @@ def _run_processes(jobs: list[dict], args: tuple, workers: int, threads: int | N
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from dualsynth.config import auto_threads
+    from dualsynth.config import auto_threads, exit_with_parent
 
     # spawn, not fork: a forked child inherits torch's thread pools and locks in whatever state they are in
     threads = threads or auto_threads(workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent) as pool:
         futures = [pool.submit(run_one, job, *args, threads, False) for job in jobs]
         for i, fut in enumerate(as_completed(futures), 1):
             report(i, fut.result())
