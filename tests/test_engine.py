@@ -80,20 +80,29 @@ def test_best_checkpoint_holds_the_first_model_and_the_best_value(tmp_path):
     assert set(best["model"]) == set(gen.state_dict())
 
 
-def test_ctrl_c_writes_last_checkpoint_and_reraises(tmp_path):
+def test_ctrl_c_finishes_the_iteration_checkpoints_it_and_reraises(tmp_path):
+    import os
+    import signal
+
     run = RunFolder.create(tmp_path / "run", {}, kind="test")
     model = torch.nn.Linear(2, 1)
     engine = Engine(run, torch.device("cpu"), models={"m": model},
                     optimizers={"main": torch.optim.SGD(model.parameters(), 0.1)}, seed=0, total=10)
+    updates = []
 
     def update(step):
-        if step == 3:
-            raise KeyboardInterrupt
         engine.optimize(model(torch.ones(1, 2)).sum())
+        if step == 3:  # Ctrl-C in the middle of an iteration (an epoch of the U-Net: many updates)
+            os.kill(os.getpid(), signal.SIGINT)
+        engine.optimize(model(torch.ones(1, 2)).sum())
+        updates.append(step)
 
     with pytest.raises(KeyboardInterrupt):
         engine.run_loop(update, checkpoint_every=100, progress=False)
-    assert run.load_checkpoint("last")["train_state"]["step"] == 3
+    assert updates == [0, 1, 2, 3]  # iteration 3 ran to its end, iteration 4 never started
+    ckpt = run.load_checkpoint("last")
+    assert ckpt["train_state"]["step"] == 4 and torch.equal(ckpt["model"]["weight"], model.weight.detach())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 def test_each_iteration_is_seeded_from_seed_and_number(tmp_path):

@@ -8,10 +8,11 @@ checkpoints carry. The engine owns everything around that, written once:
   dropout-like draws replay after a resume;
 - resume from ``checkpoints/last.pt``: weights, optimizers, grad scalers and the training state (including
   running log windows and best scores), so a resumed run is bit-identical to one that never stopped;
-- ``last``/``best`` checkpoints (atomic), checkpoints on Ctrl-C, ``stop_after`` for tests;
+- ``last``/``best`` checkpoints (atomic), ``stop_after`` for tests;
 - autocast (bf16/fp16 on CUDA, bf16 on CPUs that have it in hardware) and a GradScaler per optimizer where
   the precision needs one (fp16 on CUDA);
-- the progress bar, windowed log rows, the thread policy (`dualsynth.config.apply_threads`);
+- Ctrl-C between iterations (the one under way finishes and is checkpointed), the progress bar, windowed log
+  rows, the thread policy (`dualsynth.config.apply_threads`);
 - small handlers that trainers share: learning-rate schedules as pure functions of the step, and the
   paper's ReduceLROnPlateau and EarlyStopping on a monitored score.
 
@@ -78,6 +79,32 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     """One epoch's batches: a seeded permutation of the n items cut into batches (the last may be smaller)."""
     order = np.random.default_rng([int(seed), int(epoch), 1]).permutation(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """While active, a first Ctrl-C (SIGINT) only sets a flag that the loop checks between iterations; a second
+    one raises KeyboardInterrupt at once. Outside the main thread (where signals cannot be caught) nothing
+    changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):  # noqa: ARG001 - the signal module's signature
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def improved(value: float, best: float, mode: Literal["min", "max"]) -> bool:
@@ -281,28 +308,31 @@ class Engine:
 
         `iteration(i)` runs iteration number i (``i = done + first``) and returns anything; `after(i, out)`
         then does the trainer's logging and validation and may return values for the progress bar. The
-        engine writes last.pt every `checkpoint_every` iterations, at the end of this call, and on Ctrl-C.
+        engine writes last.pt every `checkpoint_every` iterations and at the end of this call. Ctrl-C finishes
+        the iteration under way, writes last.pt and raises KeyboardInterrupt, so the checkpoint never holds
+        half an iteration (half an epoch's updates under the previous epoch's count would break resuming); a
+        second Ctrl-C stops at once, leaving the previous checkpoint.
         """
         end = self.total if stop_after is None else min(self.total, self.done + stop_after)
         bar = progress_bar(enabled=progress, total=self.total, initial=self.done, desc=desc, unit=self.unit)
         for model in self.models.values():
             model.train()
-        try:
-            while not self.finished and self.done < end:
-                number = self.done + self.first
-                torch.manual_seed(iteration_seed(self.seed, number))
-                out = iteration(number)
-                self.state[self.unit] = self.done + 1
-                shown = after(number, out) if after is not None else None
-                for model in self.models.values():
-                    model.train()
-                if self.done % checkpoint_every == 0 or self.done == end or self.finished:
-                    self.save_last()
-                if shown:
-                    bar.set_postfix(**shown)
-                bar.update(1)
-        except KeyboardInterrupt:
-            self.save_last()
-            raise
-        finally:
-            bar.close()
+        with _deferred_interrupt() as interrupted:
+            try:
+                while not self.finished and self.done < end:
+                    number = self.done + self.first
+                    torch.manual_seed(iteration_seed(self.seed, number))
+                    out = iteration(number)
+                    self.state[self.unit] = self.done + 1
+                    shown = after(number, out) if after is not None else None
+                    for model in self.models.values():
+                        model.train()
+                    if self.done % checkpoint_every == 0 or self.done == end or self.finished or interrupted():
+                        self.save_last()
+                    if shown:
+                        bar.set_postfix(**shown)
+                    bar.update(1)
+                    if interrupted():
+                        raise KeyboardInterrupt
+            finally:
+                bar.close()
