@@ -97,12 +97,17 @@ def test_ctrl_c_finishes_the_iteration_checkpoints_it_and_reraises(tmp_path):
         engine.optimize(model(torch.ones(1, 2)).sum())
         updates.append(step)
 
-    with pytest.raises(KeyboardInterrupt):
-        engine.run_loop(update, checkpoint_every=100, progress=False)
+    # as in an interactive shell (a background job, as CI may run the tests, starts with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.run_loop(update, checkpoint_every=100, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert updates == [0, 1, 2, 3]  # iteration 3 ran to its end, iteration 4 never started
     ckpt = run.load_checkpoint("last")
     assert ckpt["train_state"]["step"] == 4 and torch.equal(ckpt["model"]["weight"], model.weight.detach())
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 def test_each_iteration_is_seeded_from_seed_and_number(tmp_path):

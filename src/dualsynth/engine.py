@@ -84,16 +84,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
 @contextlib.contextmanager
 def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
     """While active, a first Ctrl-C (SIGINT) only sets a flag that the loop checks between iterations; a second
-    one raises KeyboardInterrupt at once. Outside the main thread (where signals cannot be caught) nothing
-    changes."""
+    one raises KeyboardInterrupt at once. Outside the main thread (where signals cannot be caught), or where
+    SIGINT is ignored, nothing changes."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield lambda: False  # a process that ignores SIGINT (nohup, background jobs) keeps ignoring it
         return
     hits: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum, frame):  # noqa: ARG001 - the signal module's signature
         if hits:
