@@ -172,7 +172,8 @@ def sample_dataset(
     t0 = time.perf_counter()
     with DatasetWriter(out_dir, classes, overwrite=overwrite) as writer, _pool(workers) as pool:
         bar = progress_bar(enabled=progress, total=n, desc="sample", unit="pair")
-        results = pool.map(_sample_chunk, jobs) if pool is not None else map(_sample_chunk, jobs)
+        # imap: results in job order, each as soon as it and those before it are done
+        results = pool.imap(_sample_chunk, jobs) if pool is not None else map(_sample_chunk, jobs)
         for index, (codes, cond) in zip(batches, results):
             joints = decode(vqvae, codes)
             for i, z, joint in zip(index, codes, joints):
@@ -237,17 +238,7 @@ def _pool(workers: int):
     from dualsynth.config import exit_with_parent
 
     with multiprocessing.get_context("spawn").Pool(workers, initializer=exit_with_parent) as pool:
-        yield _Ordered(pool)
-
-
-class _Ordered:
-    """pool.imap: results in job order, each as soon as it and those before it are done."""
-
-    def __init__(self, pool):
-        self.pool = pool
-
-    def map(self, fn, jobs):
-        return self.pool.imap(fn, jobs)
+        yield pool
 
 
 def distinct_count(codes: np.ndarray) -> int:

@@ -34,7 +34,8 @@ class SegTrainConfig(StrictModel):
     preset: str | None = Field(None, description="name of the preset this config started from")
     model: UNetArchitecture = Field(default_factory=UNetArchitecture)
     encoder_weights: str = Field(
-        "none", description="none, imagenet (smp download; the paper's Table 3) or a local encoder state-dict file"
+        "none", description="none, imagenet (the paper's Table 3; from the local cache, never downloaded) or a local "
+        "encoder state-dict file"
     )
     crop: int | None = Field(
         None, ge=8, description="train on random square crops of this side (at most the tile size); None: whole tiles"
@@ -103,8 +104,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "early_stop_patience": 15,
     },
 }
-
-
 
 
 def make_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
