@@ -172,3 +172,19 @@ def test_a_last_checkpoint_from_before_the_engine_is_refused_in_one_line(tmp_pat
                     optimizers={"main": torch.optim.SGD(model.parameters(), 0.1)}, seed=0, total=10)
     with pytest.raises(InputError, match="older dualsynth"):
         engine.resume()
+
+
+def test_a_run_from_an_older_version_resumes_when_new_keys_hold_their_defaults(tmp_path):
+    """A key added since the run started (absent from its config.yaml) is fine at its default, not otherwise."""
+    from dualsynth.errors import InputError
+
+    old = {"lr": 0.1, "model": {"width": 8}}
+    RunFolder.create(tmp_path / "run", old, kind="test")
+    defaults = {"lr": 1.0, "steps": None, "model": {"width": 4, "depth": 2}}
+    same = {"lr": 0.1, "steps": None, "model": {"width": 8, "depth": 2}}
+    RunFolder.create(tmp_path / "run", same, kind="test", resume=True, defaults=defaults)
+    for changed in ({**same, "steps": 40}, {**same, "model": {"width": 8, "depth": 3}}, {**same, "lr": 0.2}):
+        with pytest.raises(InputError, match="different config"):
+            RunFolder.create(tmp_path / "run", changed, kind="test", resume=True, defaults=defaults)
+    with pytest.raises(InputError, match="different config"):  # without defaults a new key is a difference
+        RunFolder.create(tmp_path / "run", same, kind="test", resume=True)

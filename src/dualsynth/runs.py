@@ -34,8 +34,13 @@ class RunFolder:
 
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, config: Mapping[str, Any], kind: str, resume: bool = False) -> "RunFolder":
-        """Start a run of ``kind`` (e.g. ``vqvae``) in ``path``, or reopen it when ``resume``."""
+    def create(cls, path: str | Path, config: Mapping[str, Any], kind: str, resume: bool = False,
+               defaults: Mapping[str, Any] | None = None) -> "RunFolder":
+        """Start a run of ``kind`` (e.g. ``vqvae``) in ``path``, or reopen it when ``resume``.
+
+        `defaults`: the config class's default values. A run started by an older version has no entry for a key
+        added since; it resumes when the new config gives that key its default (the behaviour the key was added
+        with), and is refused when it gives another value."""
         run = cls(path)
         config = {"kind": kind, **dict(config)}
         existing = run.path / cls.CONFIG
@@ -45,7 +50,7 @@ class RunFolder:
             saved = read_yaml(existing) or {}
             if saved.get("kind") != kind:
                 raise InputError(existing, f"this is a '{saved.get('kind')}' run, not a '{kind}' run")
-            if _comparable(saved) != _comparable(config):
+            if not _same_config(_comparable(saved), _comparable(config), defaults or {}):
                 raise InputError(existing, "resume with a different config; start a new run folder instead")
             return run
         if existing.exists() or (run.path.exists() and any(run.path.iterdir())):
@@ -138,6 +143,24 @@ class RunFolder:
                 **extra,
             },
         )
+
+
+def _same_config(saved: Any, new: Any, defaults: Any) -> bool:
+    """Whether `new` is the config `saved` was started with; keys missing from `saved` must hold their default."""
+    if not isinstance(saved, Mapping) or not isinstance(new, Mapping):
+        return saved == new
+    defaults = defaults if isinstance(defaults, Mapping) else {}
+    if set(saved) - set(new):
+        return False
+    missing = object()
+    for key, value in new.items():
+        default = defaults.get(key, missing)
+        if key in saved:
+            if not _same_config(saved[key], value, {} if default is missing else default):
+                return False
+        elif default is missing or not _same_config(default, value, {}):
+            return False
+    return True
 
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -262,7 +262,7 @@ def train_segmentation(
     # the development CPU, docs/benchmarks.md); the weights are the same numbers, only their memory layout differs
     layout = torch.channels_last if amp_dtype(dev, config.precision, training=True) else torch.contiguous_format
     model = model.to(memory_format=layout)
-    run = RunFolder.create(out, run_config, kind=KIND, resume=resume)
+    run = RunFolder.create(out, run_config, kind=KIND, resume=resume, defaults=type(config)().model_dump(mode="json"))
     unit, stepped = config.unit, config.steps is not None
     engine = Engine(
         run, dev, models={"unet": model}, optimizers={"main": adam(model.parameters(), config.lr)},

@@ -346,7 +346,7 @@ def train_prior(
         **config.model_dump(mode="json"),
         "device": device,
     }
-    run = RunFolder.create(out_dir, run_config, kind=KIND, resume=resume)
+    run = RunFolder.create(out_dir, run_config, kind=KIND, resume=resume, defaults=type(config)().model_dump(mode="json"))
     codes_path = run.path / CODES_FILE
     if resume and codes_path.is_file():
         train, val = load_encoded(codes_path)

@@ -203,7 +203,7 @@ def train_vqvae(
     folder = DatasetFolder(data_dir)
     model_config = _resolved_model_config(config, folder)
     run_config = {"data": str(Path(data_dir)), **config.model_dump(mode="json"), "device": device}
-    run = RunFolder.create(out_dir, run_config, kind=KIND, resume=resume)
+    run = RunFolder.create(out_dir, run_config, kind=KIND, resume=resume, defaults=type(config)().model_dump(mode="json"))
 
     train_recs, val_recs = _split_records(folder)
     train_tiles = load_joint_tiles(folder, train_recs, config.mask_encoding)
