@@ -1,7 +1,10 @@
 """Training, encoding and reporting for the VQ-VAE (the paper's section 4.1, Figures 7-9).
 
 `train_vqvae` trains on a dataset folder's train split and writes a run folder (config.yaml, checkpoints/best.pt
-and last.pt, log.csv, monitor.png, recon_error.png, report.json, manifest.json). Everything random in a run
+and last.pt, log.csv, monitor.png, recon_error.png, report.json, manifest.json). Beside the paper's MSE loss it
+offers L1 and a focal frequency loss on the micrograph, cross-entropy (optionally class-balanced) on onehot
+masks, and a PatchGAN adversary on the decoder as in VQGAN (`dualsynth.models.discriminator`; a second model
+and optimizer, "disc", on the same engine). Everything random in a run
 (model init, data order, crops, flips, k-means init, dead-code restarts) is a function of the seed and the step,
 so a run stopped at step k and resumed gives the same weights as one that was never stopped.
 
@@ -350,9 +353,10 @@ def train_vqvae(
                 engine.optimize(d_loss, "disc")
             values.update(d_loss=d_loss.item(), d_real=real_logit.item(), d_fake=fake_logit.item())
         with torch.no_grad():
-            shown = model.output(out.recon.detach()).float()
-            image_mse, mask_mse = reconstruction_losses(x, shown, c_img)
-            recon_error = torch.nn.functional.mse_loss(shown, x).item()
+            # MSEs of what decoding returns (mask probabilities for cross-entropy), whatever the training loss
+            decoded = model.output(out.recon.detach()).float()
+            image_mse, mask_mse = reconstruction_losses(x, decoded, c_img)
+            recon_error = torch.nn.functional.mse_loss(decoded, x).item()
         if config.image_loss != "mse":
             values["image_l1"] = image_term.item()
         if config.mask_loss != "mse":
