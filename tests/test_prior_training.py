@@ -280,3 +280,31 @@ def test_sampling_processes_give_the_same_pairs_as_one(prior, tmp_path):
     for rec in DatasetFolder(tmp_path / "one").records():
         for sub in ("images", "masks"):
             assert (tmp_path / "one" / sub / rec.file).read_bytes() == (tmp_path / "two" / sub / rec.file).read_bytes()
+
+
+def test_cli_sample_with_real_measures_fidelity(prior, dataset, tmp_path, capsys):
+    run, _ = prior
+    out = tmp_path / "syn"
+    code, stdout, err = run_cli(["sample", "--prior", run, "--n", "4", "--out", out, "--real", dataset,
+                                 "--seed", "2", "--no-progress", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "fidelity: HF power ratio" in stdout and "near-copies" in stdout
+    report = json.loads((out / "fidelity" / "fidelity.json").read_text())
+    assert report["tiles"]["synthetic"] == 4 and report["real"] == str(dataset)
+    assert (out / "fidelity" / "fidelity.md").is_file() and (out / "fidelity" / "fidelity.png").is_file()
+    # the same numbers in sample.json, and the synthetic folder is still a dataset folder of 4 pairs
+    summary = json.loads((out / "sample.json").read_text())
+    assert summary["fidelity"]["high_frequency_power_ratio"] == pytest.approx(report["high_frequency_power_ratio"])
+    assert f"HF power ratio {report['high_frequency_power_ratio']:.2f}" in stdout
+    assert len(DatasetFolder(out).records()) == 4
+    # a real set that does not fit the generator is refused before sampling, in one line
+    other = tmp_path / "two-class"
+    with DatasetWriter(other, CLASSES[:2]) as writer:
+        writer.add("x", np.zeros((32, 32), np.float32), np.zeros((32, 32), np.uint8), split="train", source="x")
+    code, _, err = run_cli(["sample", "--prior", run, "--n", "1", "--out", tmp_path / "no", "--real", other,
+                            "--no-progress"], capsys)
+    assert code == 2 and "2 classes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "no").exists()
+    code, _, err = run_cli(["sample", "--prior", run, "--n", "1", "--out", tmp_path / "no", "--real",
+                            tmp_path / "missing", "--no-progress"], capsys)
+    assert code == 2 and "real folder not found" in err

@@ -219,3 +219,100 @@ def test_joint_images_round_trip_through_data_join_split(encoding):
     exact_image, exact_mask = data.split_joint(joint, num_classes, encoding)
     assert np.array_equal(np.asarray(exact_mask), mask)
     assert np.allclose(np.asarray(exact_image).reshape(16, 16, -1), image, atol=1e-6)
+
+
+# --- sharper-generator losses: L1, focal frequency loss, mask cross-entropy -------------------------------------
+
+
+def test_image_loss_mse_and_l1_known_answers():
+    x = torch.zeros(2, 2, 8, 8)
+    recon = x.clone()
+    recon[:, 0] += 0.1   # micrograph off by 0.1 everywhere
+    recon[:, 1] -= 0.5   # mask off by 0.5: its own term, whatever the image loss
+    mse, mask = reconstruction_losses(x, recon, 1)
+    assert mse.item() == pytest.approx(0.01) and mask.item() == pytest.approx(0.25)
+    l1, mask_l1 = reconstruction_losses(x, recon, 1, image_loss="l1")
+    assert l1.item() == pytest.approx(0.1) and mask_l1.item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="image_loss"):
+        reconstruction_losses(x, recon, 1, image_loss="l2")
+
+
+def test_mask_cross_entropy_known_answers_and_class_weights():
+    mask = torch.tensor([[[0, 0], [0, 2]]])                       # (1, 2, 2): three pixels of 0, one of 2
+    x = data.join_pair(torch.zeros(1, 1, 2, 2), mask, 3, "onehot")
+    recon = torch.zeros(1, 4, 2, 2)                               # uniform logits: CE = log 3 for every pixel
+    _, ce = reconstruction_losses(x, recon, 1, mask_loss="cross_entropy")
+    assert ce.item() == pytest.approx(np.log(3))
+    # logits favouring class 0 by d everywhere: class-0 pixels cost log(1 + 2e^-d), the class-2 pixel log(e^d + 2)
+    d = 2.0
+    recon[:, 1] = d
+    per_0, per_2 = np.log(1 + 2 * np.exp(-d)), np.log(np.exp(d) + 2)
+    _, ce = reconstruction_losses(x, recon, 1, mask_loss="cross_entropy")
+    assert ce.item() == pytest.approx((3 * per_0 + per_2) / 4, rel=1e-5)
+    # weights: a weighted mean over pixels (class 2 weighted 3: the rare pixel counts as much as the others)
+    w = torch.tensor([1.0, 1.0, 3.0])
+    _, ce = reconstruction_losses(x, recon, 1, mask_loss="cross_entropy", class_weights=w)
+    assert ce.item() == pytest.approx((3 * per_0 + 3 * per_2) / 6, rel=1e-5)
+    with pytest.raises(ValueError, match="onehot"):
+        reconstruction_losses(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), 1, mask_loss="cross_entropy")
+
+
+def _texture(seed: int, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + 0.15 * torch.randn(2, 1, size, size, generator=g)).clamp(0, 1)
+
+
+def test_focal_frequency_loss_known_answers():
+    from dualsynth.models.vqvae import focal_frequency_loss
+
+    x = _texture(0)
+    assert focal_frequency_loss(x, x).item() == 0.0
+    # a constant offset c differs only at the zero frequency (weight 1 there): the loss is c^2
+    assert focal_frequency_loss(x + 0.05, x).item() == pytest.approx(0.05**2, rel=1e-4)
+    # alpha = 0 weighs every frequency 1: Parseval makes it the MSE
+    y = _texture(1)
+    assert focal_frequency_loss(y, x, alpha=0).item() == pytest.approx(torch.mean((y - x) ** 2).item(), rel=1e-5)
+    # the focal weights are at most 1, so the loss never exceeds the MSE, and equals it for an error that sits at
+    # one frequency (a single cosine)
+    assert focal_frequency_loss(y, x).item() < torch.mean((y - x) ** 2).item()
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    wave = 0.1 * torch.cos(2 * np.pi * 5 * xx / 32)
+    assert focal_frequency_loss(x + wave, x).item() == pytest.approx(torch.mean(wave**2).item(), rel=1e-4)
+
+
+def test_focal_frequency_loss_sees_blur_more_than_a_slight_intensity_shift():
+    from dualsynth.models.vqvae import focal_frequency_loss
+
+    x = _texture(2)
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    shifted = x + 0.02
+    assert focal_frequency_loss(blurred, x).item() > 10 * focal_frequency_loss(shifted, x).item()
+    # and its gradient sharpens: one step against it brings the blurred image closer to the texture
+    pred = blurred.clone().requires_grad_(True)
+    loss = focal_frequency_loss(pred, x)
+    loss.backward()
+    stepped = (pred - 0.5 * pred.grad / pred.grad.abs().max()).detach()
+    assert focal_frequency_loss(stepped, x).item() < loss.item()
+
+
+def test_mask_logits_decode_to_probabilities_and_the_same_argmax():
+    torch.manual_seed(0)
+    config = tiny_config(mask_encoding="onehot", num_classes=3, mask_logits=True)
+    model = VQVAE(config).eval()
+    codes = torch.randint(0, config.num_embeddings, (2, 4, 4))
+    raw = model.decode_quantized(model.quantizer.lookup(codes))
+    decoded = model.decode(codes)
+    probs = decoded[:, 1:]
+    assert torch.allclose(probs.sum(1), torch.ones(2, 16, 16), atol=1e-5) and probs.min() >= 0
+    assert torch.equal(decoded[:, :1], raw[:, :1])                 # the micrograph is untouched
+    assert torch.equal(probs.argmax(1), raw[:, 1:].argmax(1))
+    # the sampling path: raw mask image and clean mask both take the argmax class
+    from dualsynth.postprocess import clean_mask
+    from dualsynth.synthetic import raw_mask_classes, raw_mask_png
+
+    classes = raw_mask_classes(raw_mask_png(decoded[0, 1:], 3, "onehot"), 3)
+    assert np.array_equal(classes, probs[0].argmax(0).numpy())
+    assert np.array_equal(clean_mask(decoded[0, 1:], 3, "onehot", min_object_area=0), classes)
+    # a model without mask_logits returns the decoder output as it is
+    plain = VQVAE(tiny_config(mask_encoding="onehot", num_classes=3)).eval()
+    assert torch.equal(plain.decode(codes), plain.decode_quantized(plain.quantizer.lookup(codes)))

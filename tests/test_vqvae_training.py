@@ -241,3 +241,137 @@ def test_paper_preset_is_table_4_with_our_additions_off():
     assert config.tile is None and not config.augment and config.lr_schedule == "constant"
     assert not m.kmeans_init and m.dead_code_steps == 0
     assert m.ema and m.decay == 0.99 and m.commitment_cost == 0.25 and config.lr == 3e-4   # Sonnet's example
+
+
+# --- sharper-generator options ------------------------------------------------------------------------------
+
+
+def test_paper_preset_keeps_the_papers_losses_and_no_adversary():
+    from dualsynth.config import load_config
+
+    for name in ("paper", "quick"):
+        config = load_config(VQVAETrainConfig, PRESETS, name)
+        assert (config.image_loss, config.focal_frequency_weight, config.mask_loss) == ("mse", 0.0, "mse"), name
+        assert config.mask_class_weights == "none" and config.adversarial_weight == 0 and not config.adversarial
+
+
+def test_loss_options_that_do_not_fit_are_config_errors(dataset, tmp_path):
+    from dualsynth.config import load_config
+
+    with pytest.raises(InputError, match="needs mask_encoding onehot"):
+        load_config(VQVAETrainConfig, PRESETS, "quick", overrides={"mask_loss": "cross_entropy"})
+    with pytest.raises(InputError, match="needs mask_loss cross_entropy"):
+        load_config(VQVAETrainConfig, PRESETS, "quick", overrides={"mask_encoding": "onehot",
+                                                                     "mask_class_weights": "balanced"})
+    with pytest.raises(InputError, match="discriminator.sees"):
+        load_config(VQVAETrainConfig, PRESETS, "quick", overrides={"discriminator": {"sees": "mask"}})
+    # 16 px crops leave nothing for a 3-layer PatchGAN
+    with pytest.raises(InputError, match="discriminator.layers"):
+        train_vqvae(dataset, tmp_path / "r", tiny_config(adversarial_weight=0.5), device="cpu", progress=False)
+
+
+def test_balanced_class_weights_known_answer():
+    from dualsynth.training.vqvae import balanced_class_weights
+
+    masks = [np.array([[0, 0], [0, 1]]), np.array([[0, 0], [0, 0]])]   # 7 pixels of class 0, 1 of class 1, 0 of 2
+    w = balanced_class_weights(masks, 3)
+    assert w.tolist() == pytest.approx([8 / (3 * 7), 8 / 3, 0.0])
+    # every class present carries the same total weight
+    assert w[0] * 7 == pytest.approx(w[1] * 1)
+
+
+def test_l1_and_focal_frequency_training_logs_its_terms(dataset, tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(steps=30, log_every=5, monitor_every=30, checkpoint_every=30, image_loss="l1",
+                         focal_frequency_weight=1.0)
+    train_vqvae(dataset, run, config, device="cpu", progress=False)
+    rows = read_csv(run / "log.csv")
+    assert {"image_l1", "ffl", "image_mse", "mask_mse"} <= set(rows[0]) and "mask_ce" not in rows[0]
+    assert float(rows[-1]["image_l1"]) < float(rows[0]["image_l1"])
+    assert float(rows[-1]["ffl"]) < float(rows[0]["ffl"])
+    # l1 on micrographs of ~0.03 noise: the MSE logged is the true MSE, below the L1 term
+    assert all(float(r["image_mse"]) < float(r["image_l1"]) for r in rows)
+
+
+def test_onehot_cross_entropy_trains_with_balanced_weights_and_samples_masks(dataset, tmp_path):
+    from dualsynth.training.vqvae import balanced_class_weights
+
+    plain = tiny_config(steps=50, log_every=10, monitor_every=50, checkpoint_every=50, mask_encoding="onehot",
+                        mask_loss="cross_entropy")
+    train_vqvae(dataset, tmp_path / "plain", plain, device="cpu", progress=False)
+    rows = read_csv(tmp_path / "plain" / "log.csv")
+    assert "mask_ce" in rows[0] and "image_l1" not in rows[0]
+    assert float(rows[-1]["mask_ce"]) < 0.8 * float(rows[0]["mask_ce"])
+    # balanced weights (a few steps: with them a uniform guess no longer pays, so the loss falls more slowly)
+    run = tmp_path / "run"
+    config = tiny_config(steps=4, mask_encoding="onehot", mask_loss="cross_entropy", mask_class_weights="balanced")
+    summary = train_vqvae(dataset, run, config, device="cpu", progress=False)
+    # the weights in the manifest are those of the training tiles' masks
+    folder = DatasetFolder(dataset)
+    expected = balanced_class_weights([folder.load_mask(r) for r in folder.records("train")], 3)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["inputs"]["mask_class_weights"] == pytest.approx(expected.tolist(), rel=1e-5)
+    model = load_vqvae(run, "cpu")
+    assert model.config.mask_logits
+    rec = folder.records("val")[0]
+    joint = join_pair(folder.load_image(rec), folder.load_mask(rec), 3, "onehot")
+    out = reconstruct(model, joint)
+    # decode gives class probabilities; the mask split from it is a class-index map the report scores
+    assert torch.allclose(out[1:].sum(0), torch.ones(32, 32), atol=1e-5)
+    (_, mask), = joint_to_pairs(out[None], 3, "onehot")
+    assert set(np.unique(mask)) <= {0, 1, 2}
+    assert 0 <= summary["report"]["mask_pixel_accuracy"] <= 1
+
+
+def adversarial_config(**kw) -> VQVAETrainConfig:
+    base = dict(steps=8, checkpoint_every=3, log_every=2, adversarial_weight=0.5, adversarial_start=3,
+                discriminator=dict(channels=4, layers=2), lr_schedule="cosine")
+    base.update(kw)
+    return tiny_config(**base)
+
+
+def test_adversarial_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+    config = adversarial_config()
+    train_vqvae(dataset, tmp_path / "straight", config, device="cpu", progress=False)
+    # stopped after 5 updates, after the adversary started and between checkpoints, then resumed to the end
+    train_vqvae(dataset, tmp_path / "resumed", config, device="cpu", progress=False, stop_after=5)
+    train_vqvae(dataset, tmp_path / "resumed", config, device="cpu", progress=False, resume=True)
+    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=False)
+    assert set(a["optimizers"]) == {"main", "disc"} and set(a["modules"]) == {"disc"}
+    for part in ("model", "disc"):
+        sa, sb = (a["model"], b["model"]) if part == "model" else (a["modules"]["disc"], b["modules"]["disc"])
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (part, key)
+    def logged(run):  # every column but the wall-clock throughput
+        return [{k: v for k, v in r.items() if k != "tiles_per_s"} for r in read_csv(tmp_path / run / "log.csv")]
+
+    assert logged("straight") == logged("resumed")
+    rows = read_csv(tmp_path / "straight/log.csv")
+    assert {"g_adv", "adv_weight", "d_loss", "d_real", "d_fake"} <= set(rows[0])
+    # before adversarial_start (steps 0-2: the rows of steps 2) nothing adversarial happens; after, it does
+    assert float(rows[0]["d_loss"]) == 0 and float(rows[0]["adv_weight"]) == 0
+    assert float(rows[-1]["d_loss"]) > 0 and float(rows[-1]["adv_weight"]) > 0
+    # best.pt rebuilds the VQ-VAE alone
+    assert set(torch.load(tmp_path / "straight/checkpoints/best.pt", weights_only=False)["model"]) == set(a["model"])
+
+
+def test_an_adversary_that_never_starts_changes_nothing(dataset, tmp_path):
+    train_vqvae(dataset, tmp_path / "plain", tiny_config(steps=4, lr_schedule="cosine"), device="cpu", progress=False)
+    train_vqvae(dataset, tmp_path / "late", adversarial_config(steps=4, adversarial_start=4), device="cpu",
+                progress=False)
+    a = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "late/checkpoints/last.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_adversary_on_the_joint_image_trains(dataset, tmp_path):
+    config = adversarial_config(steps=4, adversarial_start=0, mask_encoding="onehot", mask_loss="cross_entropy",
+                                discriminator=dict(channels=4, layers=2, sees="joint", lr=1e-3))
+    train_vqvae(dataset, tmp_path / "run", config, device="cpu", progress=False)
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)
+    first = next(k for k in ckpt["modules"]["disc"] if k.endswith("original"))
+    assert ckpt["modules"]["disc"][first].shape[1] == 4     # 1 micrograph + 3 mask channels
+    assert ckpt["optimizers"]["disc"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.05)  # cosine end

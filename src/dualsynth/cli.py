@@ -320,11 +320,12 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
 @click.option("--size", "z_size", type=click.IntRange(min=1), help="Side of the sampled z-matrices (default: the training tiles'); tiles are this x the VQ-VAE's downsampling.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--workers", default="auto", show_default=True, metavar="auto|N", help="Processes sampling side by side on a CPU, one thread each (auto: one per free core).")
+@click.option("--real", type=click.Path(), callback=existing_dir, help="Real dataset folder: afterwards measure the new set against it (dualsynth fidelity), print the headline numbers and write OUT/fidelity/.")
 @threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @device_option
 def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions, min_object_area, z_size, overwrite,
-               workers, threads, no_progress, device):
+               workers, real, threads, no_progress, device):
     """Sample synthetic micrograph + mask pairs: prior -> z-matrices -> VQ-VAE decoder -> mask clean-up."""
     from dualsynth.config import apply_threads, parse_threads
     from dualsynth.synthetic import sample_dataset
@@ -334,7 +335,7 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
         prior_dir, out, n, temperature=temperature, seed=seed, batch_size=batch_size,
         phase_fractions=phase_fractions, min_object_area=min_object_area,
         z_shape=None if z_size is None else (z_size, z_size), device=device, overwrite=overwrite,
-        progress=not no_progress, workers=parse_threads(workers),
+        progress=not no_progress, workers=parse_threads(workers), real=real,
     )
     h, w = summary["tile_shape"]
     click.echo(
@@ -342,6 +343,11 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
         f"z-matrices, {100 * summary['mean_changed_by_cleanup']:.2f}% of mask pixels changed by the clean-up, "
         f"{summary['sampling_seconds']:.1f} s with {summary['workers']} process(es); grid.png shows the first pairs"
     )
+    if real is not None:
+        from dualsynth.fidelity import fidelity_headline
+
+        click.echo(fidelity_headline({"headline": summary["fidelity"]}))
+        click.echo(f"wrote fidelity.json, fidelity.md and fidelity.png to {Path(out) / 'fidelity'}")
 
 
 @cli.command("inspect", context_settings=CONTEXT)

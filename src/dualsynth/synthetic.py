@@ -30,6 +30,7 @@ CODES_FILE = "codes.npz"
 SUMMARY_FILE = "sample.json"
 GRID_FILE = "grid.png"
 RAW_MASKS = "raw_masks"
+FIDELITY_DIR = "fidelity"
 
 
 def parse_phase_fractions(text: str | None, num_classes: int) -> np.ndarray | None:
@@ -127,6 +128,7 @@ def sample_dataset(
     progress: bool = True,
     grid_pairs: int = 8,
     workers: int | None = None,
+    real: str | Path | None = None,
 ) -> dict[str, Any]:
     """Sample `n` z-matrices from a trained prior, decode them with its VQ-VAE and write a dataset folder.
 
@@ -136,7 +138,9 @@ def sample_dataset(
     pairs of the first samples in grid.png (paper Figs. 10-11) and a summary in sample.json.
     `phase_fractions` ("f0,f1,...") needs a prior trained with phase-fraction conditioning. Sample i depends on
     (`seed`, i) only, not on `batch_size` or `workers` (processes sampling side by side on a CPU; None: one per
-    free core).
+    free core). With `real` (a real dataset folder), the new set is measured against it afterwards
+    (`dualsynth.fidelity`, seeded by `seed`): OUT/fidelity/fidelity.{json,md,png}, and the headline numbers in
+    the summary (`fidelity`) and sample.json.
     """
     from dualsynth.config import resolve_device
     from dualsynth.data import DatasetFolder, DatasetWriter, default_classes, split_joint
@@ -159,6 +163,11 @@ def sample_dataset(
     fractions = parse_phase_fractions(phase_fractions, trained.num_classes)
     vqvae = load_vqvae(trained.vqvae_dir, dev)
     vc = vqvae.config
+    if real is not None:  # checked before sampling, so a wrong --real costs nothing
+        real_folder = DatasetFolder(real)
+        if (real_folder.num_classes, real_folder.image_channels) != (vc.num_classes, vc.image_channels):
+            raise InputError(real, f"has {real_folder.num_classes} classes and {real_folder.image_channels} image "
+                             f"channel(s); the generator makes {vc.num_classes} and {vc.image_channels}")
     shape = tuple(int(s) for s in (z_shape or trained.z_shape))
     data_folder = DatasetFolder(trained.data_dir) if trained.data_dir and Path(trained.data_dir).is_dir() else None
     classes = data_folder.classes if data_folder is not None else default_classes(vc.num_classes)
@@ -224,6 +233,12 @@ def sample_dataset(
             "device": str(dev),
         }
         write_json(writer.tmp / SUMMARY_FILE, summary)
+    if real is not None:
+        from dualsynth.fidelity import fidelity
+
+        report = fidelity(real, out_dir, Path(out_dir) / FIDELITY_DIR, seed=seed, device=str(dev))
+        summary["fidelity"] = {"real": str(real), **report["headline"]}
+        write_json(Path(out_dir) / SUMMARY_FILE, summary)
     return summary
 
 

@@ -6,8 +6,9 @@ an image of the same shape. The vector quantizer is written here rather than tak
 of its parts (straight-through estimator, EMA codebook, k-means initialisation, dead-code restart) is a few
 lines that the tests check one by one.
 
-Public surface: `VQVAEConfig`, `VQVAE`, `VQVAEOutput`, `VectorQuantizer`, `kmeans`, `reconstruction_losses`,
-and the inference API: `load_vqvae(run_dir, device)`, `encode(model, joint)`, `decode(model, codes)`,
+Public surface: `VQVAEConfig`, `VQVAE`, `VQVAEOutput`, `VectorQuantizer`, `kmeans`, the training losses
+`reconstruction_losses` (MSE or L1 on the micrograph, MSE or cross-entropy on the mask) and
+`focal_frequency_loss`, and the inference API: `load_vqvae(run_dir, device)`, `encode(model, joint)`, `decode(model, codes)`,
 `reconstruct(model, joint)` (batched, eval mode, mixed precision on CUDA; results on the CPU). The joint output
 splits into micrograph and mask with `dualsynth.data.split_joint` / `joint_to_pairs`.
 """
@@ -56,6 +57,10 @@ class VQVAEConfig(VQVAEArchitecture):
     image_channels: int = Field(1, ge=1, description="micrograph channels (1 grey, 3 RGB)")
     num_classes: int = Field(2, ge=2, description="mask classes, background included")
     mask_encoding: MaskEncoding = Field("levels", description="levels: 1 mask channel; onehot: C channels")
+    mask_logits: bool = Field(
+        False, description="the onehot mask channels are class logits (trained with cross-entropy); decode returns "
+        "their softmax, so every consumer sees class probabilities in [0, 1]"
+    )
 
     @property
     def mask_channels(self) -> int:
@@ -329,7 +334,17 @@ class VQVAE(nn.Module):
     def decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.decoder(quantized) + 0.5
 
+    def output(self, recon: torch.Tensor) -> torch.Tensor:
+        """The decoder's raw output -> the joint image consumers see: with `mask_logits`, the mask channels'
+        softmax (class probabilities); otherwise unchanged. `forward` returns the raw output (the losses need
+        the logits); `decode` and `reconstruct` return this."""
+        if not self.config.mask_logits:
+            return recon
+        c = self.config.image_channels
+        return torch.cat([recon[:, :c], torch.softmax(recon[:, c:].float(), dim=1).to(recon.dtype)], dim=1)
+
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        """Training pass: `recon` is the decoder's raw output (mask logits with `mask_logits`, see `output`)."""
         quantized, vq_loss, codes, perplexity, in_use = self.quantizer(self.encode_continuous(x))
         return VQVAEOutput(self.decode_quantized(quantized), vq_loss, codes, perplexity, in_use)
 
@@ -348,7 +363,7 @@ class VQVAE(nn.Module):
             raise ValueError(f"expected z-matrices (B, h, w), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.num_embeddings):
             raise ValueError(f"code indices must lie in 0..{self.config.num_embeddings - 1}")
-        return self.decode_quantized(self.quantizer.lookup(codes))
+        return self.output(self.decode_quantized(self.quantizer.lookup(codes)))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -369,12 +384,62 @@ class VQVAE(nn.Module):
         return model
 
 
-def reconstruction_losses(x: torch.Tensor, recon: torch.Tensor, image_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image MSE, mask MSE) between a joint batch and its reconstruction, split at `image_channels`."""
+ImageLoss = Literal["mse", "l1"]
+MaskLoss = Literal["mse", "cross_entropy"]
+
+
+def reconstruction_losses(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    image_channels: int,
+    image_loss: ImageLoss = "mse",
+    mask_loss: MaskLoss = "mse",
+    class_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image term, mask term) between a joint batch `x` and the decoder's raw output, split at `image_channels`.
+
+    image_loss: `mse` (the paper) or `l1` (mean absolute error) on the micrograph channels. mask_loss: `mse`
+    on the mask channel(s) (the paper), or `cross_entropy` for onehot masks: the mask channels of `recon` are
+    class logits, the target class is the argmax of `x`'s one-hot channels, and `class_weights` (C,) weight
+    each target class (`torch.nn.functional.cross_entropy`'s weighted mean).
+    """
     recon = recon.float()
-    image_mse = F.mse_loss(recon[:, :image_channels], x[:, :image_channels])
-    mask_mse = F.mse_loss(recon[:, image_channels:], x[:, image_channels:])
-    return image_mse, mask_mse
+    pred_image, true_image = recon[:, :image_channels], x[:, :image_channels]
+    if image_loss == "mse":
+        image_term = F.mse_loss(pred_image, true_image)
+    elif image_loss == "l1":
+        image_term = F.l1_loss(pred_image, true_image)
+    else:
+        raise ValueError(f"image_loss must be 'mse' or 'l1', got {image_loss!r}")
+    if mask_loss == "mse":
+        mask_term = F.mse_loss(recon[:, image_channels:], x[:, image_channels:])
+    elif mask_loss == "cross_entropy":
+        if x.shape[1] - image_channels < 2:
+            raise ValueError("cross_entropy needs onehot mask channels (one per class)")
+        target = x[:, image_channels:].argmax(dim=1)
+        weight = None if class_weights is None else class_weights.to(recon.device, torch.float32)
+        mask_term = F.cross_entropy(recon[:, image_channels:], target, weight=weight)
+    else:
+        raise ValueError(f"mask_loss must be 'mse' or 'cross_entropy', got {mask_loss!r}")
+    return image_term, mask_term
+
+
+def focal_frequency_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Focal frequency loss (Jiang et al., ICCV 2021) between image batches (B, C, H, W).
+
+    Both are taken to the frequency domain by an orthonormal 2-D FFT per channel; the distance at each
+    frequency is |F(pred) - F(target)|^2, weighted by |F(pred) - F(target)|^alpha scaled to a maximum of 1 per
+    image and channel and detached (the "focal" part: frequencies reproduced worst count most, and the weight
+    itself gets no gradient); the loss is the mean over frequencies, channels and images. With `alpha` = 0 it
+    is the MSE (Parseval); a constant intensity offset c costs c^2 (only the zero frequency differs).
+    """
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        diff = torch.fft.fft2(pred.float(), norm="ortho") - torch.fft.fft2(target.float(), norm="ortho")
+        distance = diff.real**2 + diff.imag**2
+        weight = distance.detach().sqrt() ** alpha
+        peak = weight.amax(dim=(-2, -1), keepdim=True)
+        weight = torch.where(peak > 0, weight / peak.clamp(min=1e-12), torch.zeros_like(weight))
+        return (weight * distance).mean()
 
 
 # --- inference API ------------------------------------------------------------------------------------------

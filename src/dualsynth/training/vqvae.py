@@ -1,7 +1,10 @@
 """Training, encoding and reporting for the VQ-VAE (the paper's section 4.1, Figures 7-9).
 
 `train_vqvae` trains on a dataset folder's train split and writes a run folder (config.yaml, checkpoints/best.pt
-and last.pt, log.csv, monitor.png, recon_error.png, report.json, manifest.json). Everything random in a run
+and last.pt, log.csv, monitor.png, recon_error.png, report.json, manifest.json). Beside the paper's MSE loss it
+offers L1 and a focal frequency loss on the micrograph, cross-entropy (optionally class-balanced) on onehot
+masks, and a PatchGAN adversary on the decoder as in VQGAN (`dualsynth.models.discriminator`; a second model
+and optimizer, "disc", on the same engine). Everything random in a run
 (model init, data order, crops, flips, k-means init, dead-code restarts) is a function of the seed and the step,
 so a run stopped at step k and resumed gives the same weights as one that was never stopped.
 
@@ -20,7 +23,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dualsynth.config import StrictModel, apply_threads, resolve_device
 from dualsynth.data import (
@@ -36,6 +39,14 @@ from dualsynth.engine import Engine, adam, scheduled_lr, step_batch
 from dualsynth.errors import InputError
 from dualsynth.io import atomic_path, read_csv, save_figure, save_png, to_uint8, write_json
 from dualsynth.metrics import SegmentationScores
+from dualsynth.models.discriminator import (
+    DiscriminatorConfig,
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+    hinge_d_loss,
+    output_side,
+)
 from dualsynth.models.vqvae import (
     RUN_KIND as KIND,
     VQVAE,
@@ -43,6 +54,7 @@ from dualsynth.models.vqvae import (
     VQVAEConfig,
     decode,
     encode,
+    focal_frequency_loss,
     load_vqvae,
     reconstruct,
     reconstruction_losses,
@@ -58,7 +70,31 @@ class VQVAETrainConfig(StrictModel):
     mask_encoding: Literal["levels", "onehot"] = Field(
         "levels", description="levels: one mask channel, class k at k/(C-1) (paper); onehot: C channels"
     )
-    mask_weight: float = Field(1.0, ge=0, description="weight of the mask-channel MSE in the loss")
+    mask_weight: float = Field(1.0, ge=0, description="weight of the mask-channel term in the loss")
+    image_loss: Literal["mse", "l1"] = Field(
+        "mse", description="loss on the micrograph channels: mse (paper) or l1 (mean absolute error)"
+    )
+    focal_frequency_weight: float = Field(
+        0.0, ge=0, description="weight of the focal frequency loss (Jiang et al. 2021) on the micrograph channels "
+        "(0: off)"
+    )
+    mask_loss: Literal["mse", "cross_entropy"] = Field(
+        "mse", description="loss on the mask channels: mse (paper), or cross_entropy over the C onehot channels as "
+        "class logits (needs mask_encoding onehot; samples take the argmax)"
+    )
+    mask_class_weights: Literal["none", "balanced"] = Field(
+        "none", description="class weights of the mask cross-entropy: none, or balanced (total pixels / (C x class "
+        "pixels) over the training tiles, so rare classes count as much as common ones)"
+    )
+    adversarial_weight: float = Field(
+        0.0, ge=0, description="weight of the PatchGAN hinge loss on the decoder, times VQGAN's adaptive weight (0: off)"
+    )
+    adversarial_start: int = Field(
+        1000, ge=0, description="update from which the discriminator trains and the adversarial loss counts"
+    )
+    discriminator: DiscriminatorConfig = Field(
+        default_factory=DiscriminatorConfig, description="the adversary (used when adversarial_weight > 0)"
+    )
     tile: int | None = Field(
         None, ge=8, description="train on random square crops of this side (None: whole dataset tiles)"
     )
@@ -77,6 +113,18 @@ class VQVAETrainConfig(StrictModel):
     log_every: int = Field(100, ge=1, description="steps per log.csv row (window means); best.pt is checked here")
     monitor_every: int = Field(1000, ge=1, description="steps per monitoring figure (paper Figs. 7 and 8)")
     checkpoint_every: int = Field(1000, ge=1, description="steps per checkpoints/last.pt")
+
+    @model_validator(mode="after")
+    def _mask_loss_fits_the_encoding(self) -> "VQVAETrainConfig":
+        if self.mask_loss == "cross_entropy" and self.mask_encoding != "onehot":
+            raise ValueError("mask_loss cross_entropy needs mask_encoding onehot (one logit channel per class)")
+        if self.mask_class_weights != "none" and self.mask_loss != "cross_entropy":
+            raise ValueError("mask_class_weights needs mask_loss cross_entropy")
+        return self
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adversarial_weight > 0
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -163,7 +211,18 @@ def _resolved_model_config(config: VQVAETrainConfig, folder: DatasetFolder) -> V
         image_channels=folder.image_channels,
         num_classes=folder.num_classes,
         mask_encoding=config.mask_encoding,
+        mask_logits=config.mask_loss == "cross_entropy",
     )
+
+
+def balanced_class_weights(masks: Sequence[np.ndarray] | Sequence[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights over the pixels of `masks` (class indices): total / (C x count of class
+    k), so every class present carries the same total weight; 0 for a class with no pixels."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for m in masks:
+        counts += np.bincount(np.asarray(m).ravel(), minlength=num_classes)[:num_classes]
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
 
 
 def _split_records(folder: DatasetFolder) -> tuple[list, list]:
@@ -221,30 +280,91 @@ def train_vqvae(
 
     torch.manual_seed(config.seed)
     model = VQVAE(model_config).to(dev)
+    c_img = model_config.image_channels
+    class_weights = None
+    if config.mask_class_weights == "balanced":
+        class_weights = balanced_class_weights([t[c_img:].argmax(0) for t in train_tiles], folder.num_classes).to(dev)
+    models: dict[str, torch.nn.Module] = {"vqvae": model}
+    optimizers = {"main": adam(model.parameters(), config.lr)}
+    disc = None
+    if config.adversarial:
+        dc = config.discriminator
+        side = config.tile if config.tile is not None else min(train_tiles.shape[-2:])
+        if output_side(side, dc.layers) < 1:
+            raise InputError("discriminator.layers", f"{dc.layers} stride-2 layers leave nothing of {side} px tiles; "
+                             "use fewer layers or a larger tile")
+        disc = PatchDiscriminator(c_img if dc.sees == "image" else model_config.in_channels, dc.channels,
+                                  dc.layers).to(dev)
+        models["disc"] = disc
+        # VQGAN's Adam betas for the adversary; the VQ-VAE keeps the paper's optimizer
+        optimizers["disc"] = adam(disc.parameters(), dc.lr or config.lr, betas=(0.5, 0.9))
     engine = Engine(
-        run, dev, models={"vqvae": model}, optimizers={"main": adam(model.parameters(), config.lr)},
+        run, dev, models=models, optimizers=optimizers,
         seed=config.seed, total=config.steps, unit="step", state={"history": []}, run_config=run_config,
         precision=config.precision,
     )
     if resume:
         engine.resume()
     inputs = {"data": str(Path(data_dir)), "train_tiles": len(train_recs), "val_tiles": len(val_recs)}
+    if class_weights is not None:
+        inputs["mask_class_weights"] = [round(float(w), 6) for w in class_weights.cpu()]
     run.write_manifest(inputs)
+
+    def disc_view(joint: torch.Tensor) -> torch.Tensor:
+        return joint[:, :c_img] if config.discriminator.sees == "image" else joint
 
     def update(step: int) -> None:
         idx = step_batch(len(train_tiles), config.batch_size, config.seed, step)
         x = joint_batch(train_tiles, idx, config.tile, config.augment, config.seed, step).to(dev)
         with engine.autocast():
             out = model(x)
-        image_mse, mask_mse = reconstruction_losses(x, out.recon, model_config.image_channels)
-        loss = image_mse + config.mask_weight * mask_mse + out.vq_loss.float()
-        engine.set_lr(scheduled_lr(config.lr, config.lr_schedule, step, config.steps))
-        engine.optimize(loss)
-        recon_error = torch.nn.functional.mse_loss(out.recon.detach().float(), x).item()
+        image_term, mask_term = reconstruction_losses(x, out.recon, c_img, config.image_loss, config.mask_loss,
+                                                      class_weights)
+        rec = image_term
+        values: dict[str, float] = {}
+        if config.focal_frequency_weight > 0:
+            ffl = focal_frequency_loss(out.recon[:, :c_img], x[:, :c_img])
+            rec = rec + config.focal_frequency_weight * ffl
+            values["ffl"] = ffl.item()
+        loss = rec + config.mask_weight * mask_term + out.vq_loss.float()
+        adversary_on = disc is not None and step >= config.adversarial_start
+        if disc is not None:
+            g_adv = weight = torch.zeros(())
+            if adversary_on:
+                with engine.autocast():
+                    g_adv = generator_loss(disc(disc_view(model.output(out.recon))))
+                last = model.decoder.net[-1].weight
+                weight = config.adversarial_weight * adaptive_weight(rec, g_adv, last)
+                loss = loss + weight * g_adv
+            values.update(g_adv=g_adv.item(), adv_weight=weight.item())
+        lr = scheduled_lr(config.lr, config.lr_schedule, step, config.steps)
+        engine.set_lr(lr, "main")
+        engine.optimize(loss, "main")
+        if disc is not None:
+            d_loss = real_logit = fake_logit = torch.zeros(())
+            if adversary_on:
+                with engine.autocast():
+                    logits_real = disc(disc_view(x))
+                    logits_fake = disc(disc_view(model.output(out.recon.detach())))
+                d_loss = hinge_d_loss(logits_real, logits_fake)
+                real_logit, fake_logit = logits_real.detach().float().mean(), logits_fake.detach().float().mean()
+                d_lr = config.discriminator.lr or config.lr
+                engine.set_lr(scheduled_lr(d_lr, config.lr_schedule, step, config.steps), "disc")
+                engine.optimize(d_loss, "disc")
+            values.update(d_loss=d_loss.item(), d_real=real_logit.item(), d_fake=fake_logit.item())
+        with torch.no_grad():
+            # MSEs of what decoding returns (mask probabilities for cross-entropy), whatever the training loss
+            decoded = model.output(out.recon.detach()).float()
+            image_mse, mask_mse = reconstruction_losses(x, decoded, c_img)
+            recon_error = torch.nn.functional.mse_loss(decoded, x).item()
+        if config.image_loss != "mse":
+            values["image_l1"] = image_term.item()
+        if config.mask_loss != "mse":
+            values["mask_ce"] = mask_term.item()
         engine.accumulate({
             "loss": loss.item(), "recon_error": recon_error, "image_mse": image_mse.item(),
             "mask_mse": mask_mse.item(), "vq_loss": out.vq_loss.item(), "perplexity": out.perplexity.item(),
-            "codes_in_use": float(out.codes_in_use),
+            "codes_in_use": float(out.codes_in_use), **values,
         }, items=x.shape[0])
 
     def after(step: int, _: Any) -> dict[str, Any] | None:
