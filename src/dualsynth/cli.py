@@ -193,35 +193,52 @@ def clean_masks(in_dir, out, num_classes, encoding, min_object_area, connectivit
 # --- end metrics ---
 
 # --- vqvae ---
+def run_options(f):
+    """The options every trainer on a dataset folder shares, after its own --data, --out and --preset."""
+    for option in reversed([
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set tile=128 --set model.<key>=VALUE."),
+        click.option("--steps", type=int, help="Training updates (same as --set steps=N)."),
+        click.option("--seed", type=int, help="Seed of every random choice (same as --set seed=S)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt; with no config options, uses the run's saved config."),
+        threads_option,
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+        device_option,
+    ]):
+        f = option(f)
+    return f
+
+
+def run_config(module, config_cls, out, data, preset, config_file, overrides, steps, seed, resume):
+    """(config, dataset) of a trainer's run: preset -> config file -> --set/--steps/--seed, or with --resume and
+    no config options the run's saved config and dataset (`module.saved_run_config`)."""
+    from dualsynth.config import deep_merge, load_config, parse_overrides
+
+    extra = parse_overrides(list(overrides))
+    for key, value in (("steps", steps), ("seed", seed)):
+        if value is not None:
+            extra = deep_merge(extra, {key: value})
+    if resume and not (preset or config_file or extra):
+        config, saved_data = module.saved_run_config(out)
+        data = data or saved_data
+    else:
+        config = load_config(config_cls, module.PRESETS, preset, config_file, extra, default_preset="quick")
+    if data is None:
+        raise InputError("--data", "give the dataset folder to train on")
+    return config, data
+
+
 @cli.command("train-vqvae", context_settings=CONTEXT)
 @click.option("--data", type=click.Path(), help="Dataset folder (from prepare or demo-data); trains on its train split. With --resume: default the run's own.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder to create (or to continue with --resume).")
 @click.option("--preset", type=click.Choice(["quick", "paper"]), help="quick: a few minutes on a 2-core CPU; paper: the paper's Table 4. Default: the config file's preset, else quick.")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config (any keys of the preset; see configs/vqvae-*.yaml).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. --set model.num_embeddings=16 --set tile=128 (repeatable).")
-@click.option("--steps", type=int, help="Training updates (same as --set steps=N).")
-@click.option("--seed", type=int, help="Seed of every random choice (same as --set seed=S).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt; with no config options, uses the run's saved config.")
-@threads_option
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@device_option
+@run_options
 def train_vqvae_cmd(data, out, preset, config_file, overrides, steps, seed, resume, threads, no_progress, device):
     """Train the VQ-VAE on joint micrograph+mask images (writes config, checkpoints, log, figures, report)."""
-    from dualsynth.config import deep_merge, load_config, parse_overrides
-    from dualsynth.training.vqvae import PRESETS, VQVAETrainConfig, format_report, saved_run_config, train_vqvae
+    from dualsynth.training import vqvae
+    from dualsynth.training.vqvae import VQVAETrainConfig, format_report, train_vqvae
 
-    extra = parse_overrides(list(overrides))
-    if steps is not None:
-        extra = deep_merge(extra, {"steps": steps})
-    if seed is not None:
-        extra = deep_merge(extra, {"seed": seed})
-    if resume and not (preset or config_file or extra):
-        config, saved_data = saved_run_config(out)
-        data = data or saved_data
-    else:
-        config = load_config(VQVAETrainConfig, PRESETS, preset, config_file, extra, default_preset="quick")
-    if data is None:
-        raise InputError("--data", "give the dataset folder to train on")
+    config, data = run_config(vqvae, VQVAETrainConfig, out, data, preset, config_file, overrides, steps, seed, resume)
     summary = train_vqvae(data, out, config, resume=resume, device=device, threads=threads, progress=not no_progress)
     click.echo(f"trained {summary['step']} steps; best reconstruction error {summary['best_error']:.5f} at step {summary['best_step']}")
     if "report" in summary:
@@ -321,11 +338,12 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--workers", default="auto", show_default=True, metavar="auto|N", help="Processes sampling side by side on a CPU, one thread each (auto: one per free core).")
 @click.option("--real", type=click.Path(), callback=existing_dir, help="Real dataset folder: afterwards measure the new set against it (dualsynth fidelity), print the headline numbers and write OUT/fidelity/.")
+@click.option("--renderer", "renderer_dir", type=click.Path(), help="train-renderer run folder: it draws the micrographs for the clean masks instead of the VQ-VAE.")
 @threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @device_option
 def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions, min_object_area, z_size, overwrite,
-               workers, real, threads, no_progress, device):
+               workers, real, renderer_dir, threads, no_progress, device):
     """Sample synthetic micrograph + mask pairs: prior -> z-matrices -> VQ-VAE decoder -> mask clean-up."""
     from dualsynth.config import apply_threads, parse_threads
     from dualsynth.synthetic import sample_dataset
@@ -335,7 +353,7 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
         prior_dir, out, n, temperature=temperature, seed=seed, batch_size=batch_size,
         phase_fractions=phase_fractions, min_object_area=min_object_area,
         z_shape=None if z_size is None else (z_size, z_size), device=device, overwrite=overwrite,
-        progress=not no_progress, workers=parse_threads(workers), real=real,
+        progress=not no_progress, workers=parse_threads(workers), real=real, renderer=renderer_dir,
     )
     h, w = summary["tile_shape"]
     click.echo(
@@ -361,6 +379,49 @@ def inspect_cmd(synthetic_dir, real_dir):
     click.echo(format_inspect(report))
     click.echo(f"wrote {Path(synthetic_dir) / 'inspect.json'}")
 # --- end prior ---
+
+# --- renderer ---
+@cli.command("train-renderer", context_settings=CONTEXT)
+@click.option("--data", type=click.Path(), help="Dataset folder; trains on its train split's (micrograph, mask) pairs, validates on val. With --resume: default the run's own.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to create (or to continue with --resume).")
+@click.option("--preset", type=click.Choice(["quick"]), help="quick: a few minutes on a 2-core CPU (the paper has no renderer, so there is no paper preset). Default: the config file's preset, else quick.")
+@click.option("--config", "config_file", type=click.Path(), help="YAML config (any keys of the preset; see configs/renderer-quick.yaml).")
+@run_options
+def train_renderer_cmd(data, out, preset, config_file, overrides, steps, seed, resume, threads, no_progress, device):
+    """Train the renderer: a mask-conditioned micrograph generator (U-Net with noise maps, PatchGAN, hinge loss)."""
+    from dualsynth.training import renderer
+    from dualsynth.training.renderer import RendererTrainConfig, train_renderer
+
+    config, data = run_config(renderer, RendererTrainConfig, out, data, preset, config_file, overrides, steps, seed, resume)
+    summary = train_renderer(data, out, config, resume=resume, device=device, threads=threads, progress=not no_progress)
+    best = summary["best_score"]
+    click.echo(f"trained {summary['step']} steps; best validation score {best:.4f} at step {summary['best_step']} "
+               f"(pooled L1 {summary.get('val_l1', float('nan')):.4f}, high-pass energy ratio "
+               f"{summary.get('val_hf_ratio', float('nan')):.3f})")
+    click.echo(f"run folder: {out} (checkpoints/best.pt, log.csv, monitor.png)")
+
+
+@cli.command("render", context_settings=CONTEXT)
+@click.option("--renderer", "renderer_dir", required=True, type=click.Path(), help="train-renderer run folder.")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Dataset folder whose masks are rendered.")
+@click.option("--out", required=True, type=click.Path(), help="Dataset folder to write (same masks, rendered micrographs, origin synthetic).")
+@click.option("--split", help="Render only this split's tiles (default: every tile).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Tile n's noise depends on (seed, n) only.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@threads_option
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@device_option
+def render_cmd(renderer_dir, data_dir, out, split, seed, overwrite, threads, no_progress, device):
+    """Re-render the micrographs of a dataset folder's masks with a trained renderer (a new dataset folder)."""
+    from dualsynth.config import apply_threads
+    from dualsynth.synthetic import render_dataset
+
+    apply_threads(threads)
+    summary = render_dataset(renderer_dir, data_dir, out, seed=seed, split=split, device=device, overwrite=overwrite,
+                             progress=not no_progress)
+    cropped = f" ({summary['cropped_tiles']} cropped to the renderer's multiple)" if summary["cropped_tiles"] else ""
+    click.echo(f"rendered {summary['tiles']} micrographs{cropped} to {out} in {summary['seconds']:.1f} s; grid.png shows the first")
+# --- end renderer ---
 
 # --- segmentation ---
 def _seg_overrides(sets, **options) -> dict:

@@ -22,6 +22,7 @@ import torch
 from dualsynth.engine import iteration_seed
 from dualsynth.errors import InputError
 from dualsynth.io import atomic_path, progress_bar, read_image, save_figure, save_png, write_json
+from dualsynth.models.renderer import load_renderer, render
 from dualsynth.postprocess import clean_mask
 from dualsynth.sampling import draw_noise, sample_fast
 
@@ -129,6 +130,7 @@ def sample_dataset(
     grid_pairs: int = 8,
     workers: int | None = None,
     real: str | Path | None = None,
+    renderer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Sample `n` z-matrices from a trained prior, decode them with its VQ-VAE and write a dataset folder.
 
@@ -140,7 +142,9 @@ def sample_dataset(
     (`seed`, i) only, not on `batch_size` or `workers` (processes sampling side by side on a CPU; None: one per
     free core). With `real` (a real dataset folder), the new set is measured against it afterwards
     (`dualsynth.fidelity`, seeded by `seed`): OUT/fidelity/fidelity.{json,md,png}, and the headline numbers in
-    the summary (`fidelity`) and sample.json.
+    the summary (`fidelity`) and sample.json. `renderer` (a `train-renderer` run): the clean masks are rendered
+    into micrographs by it (`dualsynth.models.renderer.render`, noise from (`seed`, i)) instead of taking the
+    VQ-VAE's micrograph channels.
     """
     from dualsynth.config import resolve_device
     from dualsynth.data import DatasetFolder, DatasetWriter, default_classes, split_joint
@@ -172,6 +176,7 @@ def sample_dataset(
     data_folder = DatasetFolder(trained.data_dir) if trained.data_dir and Path(trained.data_dir).is_dir() else None
     classes = data_folder.classes if data_folder is not None else default_classes(vc.num_classes)
     c_img = vc.image_channels
+    rend = None if renderer is None else load_checked_renderer(renderer, vc.num_classes, [s * vc.downsample for s in shape], dev)
     batches = [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
     workers = sample_workers(dev, len(batches)) if workers is None else max(1, int(workers))
     jobs = [(str(prior_dir), idx, shape, seed, temperature, fractions, str(dev), 1 if dev.type == "cpu" else None)
@@ -190,6 +195,8 @@ def sample_dataset(
                 decoded_mask = joint[c_img:]
                 clean = np.asarray(clean_mask(decoded_mask[0] if vc.mask_encoding == "levels" else decoded_mask,
                                               vc.num_classes, vc.mask_encoding, min_object_area))
+                if rend is not None:
+                    image = render(rend, clean, seed, indices=[i])[0]
                 raw_png = raw_mask_png(decoded_mask, vc.num_classes, vc.mask_encoding)
                 _, raw_classes = split_joint(joint, vc.num_classes, vc.mask_encoding)
                 changed.append(float(np.mean(np.asarray(raw_classes) != clean)))
@@ -231,6 +238,7 @@ def sample_dataset(
             "sampling_seconds": seconds,
             "workers": workers,
             "device": str(dev),
+            "renderer": None if renderer is None else str(Path(renderer).resolve()),
         }
         write_json(writer.tmp / SUMMARY_FILE, summary)
     if real is not None:
@@ -387,3 +395,111 @@ def format_inspect(report: dict[str, Any]) -> str:
     if "copies_of_training_z_matrices" in report:
         lines.append(f"exact copies of training z-matrices: {report['copies_of_training_z_matrices']}")
     return "\n".join(lines)
+
+
+# --- the renderer: micrographs drawn for masks (the two-stage generator) -------------------------------------
+
+RENDER_SUMMARY = "render.json"
+
+
+def load_checked_renderer(renderer_dir: str | Path, num_classes: int, tile_shape: Sequence[int] | None, device: Any):
+    """The renderer of a `train-renderer` run, checked against the masks it is to draw for: the same number of
+    classes and (when known) tile sides that are multiples of its 2**depth; InputError naming the run otherwise."""
+    rend = load_renderer(renderer_dir, device)
+    rc = rend.config
+    if rc.num_classes != num_classes:
+        raise InputError(renderer_dir, f"renderer was trained on {rc.num_classes} classes, the masks have {num_classes}")
+    if tile_shape is not None and any(int(s) % rc.multiple for s in tile_shape):
+        raise InputError(renderer_dir, f"tiles of {'x'.join(map(str, tile_shape))} px are not multiples of the "
+                         f"renderer's 2**depth = {rc.multiple}")
+    return rend
+
+
+def render_dataset(
+    renderer_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    split: str | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    grid_pairs: int = 8,
+) -> dict[str, Any]:
+    """Re-render the micrographs of a dataset folder's masks with a trained renderer into a new dataset folder.
+
+    Every tile of `split` (all tiles if None) keeps its mask, name, split, source and position; its micrograph
+    is drawn by the renderer with noise from (`seed`, tile number), and its origin becomes `synthetic`. Masks
+    whose sides are not multiples of the renderer's 2**depth are cropped at the bottom and right (the manifest
+    says so in the column `cropped`, 0 or 1). Writes OUT/grid.png (real micrograph, mask, rendered micrograph) and
+    OUT/render.json.
+    """
+    from dualsynth.config import resolve_device
+    from dualsynth.data import DatasetFolder, DatasetWriter
+
+    dev = resolve_device(device)
+    folder = DatasetFolder(data_dir)
+    rend = load_checked_renderer(renderer_dir, folder.num_classes, None, dev)
+    records = folder.records(split=split)
+    if not records:
+        raise InputError(data_dir, f"dataset has no '{split}' tiles")
+    m = rend.config.multiple
+    cropped = 0
+    grid = []
+    t0 = time.perf_counter()
+    with DatasetWriter(out_dir, folder.classes, overwrite=overwrite) as writer:
+        bar = progress_bar(enabled=progress, total=len(records), desc="render", unit="tile")
+        for n, rec in enumerate(records):
+            mask = folder.load_mask(rec)
+            h, w = mask.shape[0] // m * m, mask.shape[1] // m * m
+            if h == 0 or w == 0:
+                raise InputError(folder.mask_path(rec), f"mask is smaller than the renderer's 2**depth = {m} px")
+            was_cropped = (h, w) != mask.shape
+            cropped += was_cropped
+            mask = mask[:h, :w]
+            image = render(rend, mask, seed, indices=[n])[0]
+            writer.add(Path(rec.file).stem, image, mask, split=rec.split, source=rec.source, tile_y=rec.tile_y,
+                       tile_x=rec.tile_x, origin="synthetic", quality=rec.quality, extra={"cropped": int(was_cropped)})
+            if len(grid) < grid_pairs:
+                grid.append((folder.load_image(rec)[:h, :w], image, mask))
+            bar.update(1)
+        bar.close()
+        draw_renderings(writer.tmp / GRID_FILE, grid, folder.classes)
+        summary = {
+            "renderer": str(Path(renderer_dir).resolve()),
+            "data": str(Path(data_dir).resolve()),
+            "split": split,
+            "tiles": len(records),
+            "cropped_tiles": int(cropped),
+            "seed": seed,
+            "image_channels": rend.config.image_channels,
+            "seconds": time.perf_counter() - t0,
+            "device": str(dev),
+        }
+        write_json(writer.tmp / RENDER_SUMMARY, summary)
+    return summary
+
+
+def draw_renderings(path: Path, rows: list, classes) -> None:
+    """Per row: the real micrograph, the renderer's micrograph for its mask, and the mask."""
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dualsynth.data import colorize_mask
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
+    for row, (real, rendered, mask) in zip(axes, rows):
+        for ax, image in zip(row, (real, rendered)):
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        row[2].imshow(colorize_mask(mask, classes))
+        for ax in row:
+            ax.axis("off")
+    for ax, title in zip(axes[0], ("real micrograph", "rendered micrograph", "mask")):
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(path, fig)
