@@ -145,7 +145,12 @@ def test_bad_study_input_is_one_line_exit_2(tmp_path, capsys):
 def test_example_config_and_repeats(tmp_path):
     from pathlib import Path
 
-    example = load_study_config(Path(__file__).resolve().parents[1] / "configs" / "study-example.yaml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    label = load_study_config(configs / "study-example.yaml")
+    assert label.label_efficiency and label.real_images == [2, 4, "all"] and label.seg.set == {"steps": 400}
+    assert label.arms == ["real", "augment", "copy_paste", "synthetic", "synthetic_only"]
+    assert label.synthetic_percentages == [100, 200] and label.bases["HQ"] == configs / "../demo-out/data/hq"
+    example = load_study_config(configs / "study-fixed-example.yaml")
     assert example.percentages == [0, 50, 75, 100, 150, 200, 250, 300] and example.seeds == [0, 1, 2]
     assert len(plan_runs(example)) == 3 * (2 * 8 + 3)
     config = load_study_config(write_study(tmp_path, repeats=3, seeds=None))
