@@ -15,6 +15,7 @@ from dualsynth.errors import InputError
 from dualsynth.io import read_csv
 from dualsynth.segmentation import (
     PRESETS,
+    CopyPaste,
     SegTrainConfig,
     build_unet,
     draw_synthetic,
@@ -206,6 +207,167 @@ def test_paper_augmentation_is_seeded_and_keeps_masks(tmp_path, channels):
     assert float(x1.min()) >= 0 and float(x1.max()) <= 1
 
 
+# --- step mode ----------------------------------------------------------------------------------------------
+
+
+def adam_updates(run: Path) -> int:
+    """Optimizer updates a run took (Adam counts them per parameter)."""
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["optimizers"]["main"]["state"]
+    return int(next(iter(state.values()))["step"])
+
+
+def test_step_mode_takes_exactly_n_updates_whatever_the_set_size(tmp_path):
+    config = tiny_config(steps=5, val_every=2)
+    for n_train in (4, 12):  # one and three batches per pass
+        real = squares_dataset(tmp_path / f"real{n_train}", n_train=n_train)
+        summary = train_segmentation(real, tmp_path / f"r{n_train}", config, progress=False)
+        assert summary["unit"] == "step" and summary["steps_done"] == 5 and summary["finished"]
+        assert adam_updates(tmp_path / f"r{n_train}") == 5
+        rows = read_csv(tmp_path / f"r{n_train}" / "log.csv")
+        assert [int(r["step"]) for r in rows] == [2, 4, 5]  # every val_every steps, and after the last
+        assert "epoch" not in rows[0] and (tmp_path / f"r{n_train}" / "learning_curve.png").is_file()
+        best = torch.load(tmp_path / f"r{n_train}" / "checkpoints" / "best.pt", weights_only=False)
+        scores = [float(r["val_missing_class_iou"]) for r in rows]
+        assert best["step"] == summary["best_step"] == int(rows[int(np.argmax(scores))]["step"])
+    # epoch mode, by contrast, takes ceil(n / batch) updates per epoch
+    summary = train_segmentation(tmp_path / "real12", tmp_path / "e", tiny_config(epochs=2), progress=False)
+    assert summary["epochs_done"] == 2 and adam_updates(tmp_path / "e") == 6
+
+
+def test_val_every_default_and_early_stop_switch():
+    assert tiny_config(steps=25).validation_interval == 2 and tiny_config(steps=5).validation_interval == 1
+    assert tiny_config(steps=25, val_every=7).validation_interval == 7
+    assert tiny_config().stops_early and not tiny_config(steps=5).stops_early  # auto
+    assert tiny_config(steps=5, early_stop=True).stops_early and not tiny_config(early_stop=False).stops_early
+    with pytest.raises(InputError, match="val_every"):
+        tiny_config(val_every=3)
+
+
+def test_step_mode_plateau_counts_validations_and_early_stop_is_off_by_default(tmp_path):
+    real = squares_dataset(tmp_path / "real", n_train=4)
+    # lr ~0 keeps the weights: the score never improves after the first validation
+    base = dict(steps=4, val_every=1, lr=1e-12, lr_patience=1, lr_factor=0.5, min_lr=0, early_stop_patience=2)
+    summary = train_segmentation(real, tmp_path / "a", tiny_config(**base), progress=False)
+    assert summary["steps_done"] == 4 and not summary["stopped_early"] and summary["best_step"] == 1
+    lrs = [float(r["lr"]) for r in read_csv(tmp_path / "a" / "log.csv")]
+    assert lrs == pytest.approx([1e-12, 1e-12, 5e-13, 2.5e-13])
+    summary = train_segmentation(real, tmp_path / "b", tiny_config(**base, early_stop=True), progress=False)
+    assert summary["stopped_early"] and summary["steps_done"] == 3
+
+
+def test_step_mode_resume_equals_uninterrupted(tmp_path):
+    real = squares_dataset(tmp_path / "real", n_train=6)
+    config = tiny_config(steps=5, val_every=2, flips=True, augment="copy_paste", copy_paste_prob=0.7)
+    train_segmentation(real, tmp_path / "a", config, progress=False)
+    train_segmentation(real, tmp_path / "b", config, progress=False, stop_after=3)  # between two validations
+    assert [int(r["step"]) for r in read_csv(tmp_path / "b" / "log.csv")] == [2]
+    summary = train_segmentation(real, tmp_path / "b", config, progress=False, resume=True)
+    assert summary["steps_done"] == 5 and summary["finished"]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["train_state"] == b["train_state"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_csv(tmp_path / "a" / "log.csv")) == strip(read_csv(tmp_path / "b" / "log.csv"))
+
+
+def test_train_seg_cli_step_mode(tmp_path, capsys):
+    real = squares_dataset(tmp_path / "real", n_train=4)
+    code, out, err = run_cli(["train-seg", "--train", real, "--out", tmp_path / "run", "--set", "steps=3",
+                              "--set", "val_every=2", "--augment", "copy_paste", "--no-progress", *TINY_SET], capsys)
+    assert code == 0, err
+    assert "finished after 3 steps" in out and "step   2" in err
+    assert [int(r["step"]) for r in read_csv(tmp_path / "run" / "log.csv")] == [2, 3]
+    code, out, err = run_cli(["train-seg", "--train", real, "--out", tmp_path / "run2", "--steps", "2",
+                              "--no-progress", *TINY_SET], capsys)
+    assert code == 0 and "finished after 2 steps" in out, err
+
+
+# --- copy-paste augmentation ---------------------------------------------------------------------------------
+
+
+def copy_paste_tiles(channels: int, size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tile 0: background with a large class-1 square, two small class-2 squares and pixel values that are
+    unique (each says where it came from); tile 1: background only, constant image; tile 2: class 1 majority."""
+    values = (np.arange(size * size, dtype=np.float32).reshape(size, size) + 1) / (size * size + 1)
+    donor_mask = np.zeros((size, size), np.int64)
+    donor_mask[2:8, 2:8] = 1
+    donor_mask[10:12, 10:12] = 2
+    donor_mask[12:14, 2:4] = 2
+    plain_mask = np.zeros((size, size), np.int64)
+    full_mask = np.ones((size, size), np.int64)
+    full_mask[:2, :2] = 0
+    tiles = [(values, donor_mask), (np.zeros((size, size), np.float32), plain_mask),
+             (np.full((size, size), 0.5, np.float32), full_mask)]
+    return [(np.repeat(im[..., None], channels, -1), m) for im, m in tiles]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_copy_paste_pastes_donor_objects_with_their_labels(channels):
+    tiles = copy_paste_tiles(channels)
+    cp = CopyPaste(tiles, n_real=3, num_classes=3, prob=1.0)
+    # class 2 is a minority of tile 0, class 1 of tile 0, class 0 of tile 2: all three can be pasted
+    assert cp.donors == {0: [2], 1: [0], 2: [0]}
+    counts = sum(np.bincount(m.ravel(), minlength=3) for _, m in tiles)
+    expected = (counts.sum() / counts) / (counts.sum() / counts).sum()
+    assert cp.class_p == pytest.approx(expected)
+    donor_image, donor_mask = tiles[0]
+    where = {round(float(v), 7): (y, x) for (y, x), v in np.ndenumerate(donor_image[..., 0])}
+    pasted_classes = []
+    for seed in range(100):
+        image, mask = tiles[1]
+        new_image, new_mask, pasted = cp(1, image, mask, np.random.default_rng(seed))
+        assert pasted.any() and new_mask.min() >= 0 and new_mask.max() <= 2
+        assert np.array_equal(new_image[~pasted], image[~pasted]) and np.array_equal(new_mask[~pasted], mask[~pasted])
+        assert np.array_equal(image, tiles[1][0]) and np.array_equal(mask, tiles[1][1])  # inputs not modified
+        if new_image[pasted].max() == 0.5:  # background of tile 2 (class 0 is its minority)
+            assert (new_mask[pasted] == 0).all()
+            pasted_classes.append(0)
+            continue
+        assert np.array_equal(new_image[pasted][:, 0], new_image[pasted][:, -1])  # all channels pasted
+        targets = np.argwhere(pasted)  # the same row order as new_image[pasted]
+        sources = np.array([where[round(float(v), 7)] for v in new_image[pasted][:, 0]])  # donor pixel of each
+        labels = donor_mask[sources[:, 0], sources[:, 1]]
+        assert np.array_equal(new_mask[pasted], labels) and len(set(labels)) == 1  # one class, with its labels
+        assert set(labels) != {0}  # never the donor's majority class
+        pasted_classes.append(int(labels[0]))
+        # the objects moved rigidly (one flip/rotation and one shift): distances between pasted pixels are kept
+        distance = lambda p: ((p[:, None] - p[None]) ** 2).sum(-1)  # noqa: E731
+        assert np.array_equal(distance(sources), distance(targets))
+    # the rarest class (2: 8 of 768 pixels) is drawn with probability 0.95
+    assert 85 <= pasted_classes.count(2) < 100
+
+
+def test_copy_paste_probability_zero_and_seeded_batches(tmp_path):
+    folder = DatasetFolder(squares_dataset(tmp_path / "d", n_train=6))
+    cache = TileCache([(folder, r) for r in folder.records("train")])
+    plain = tile_batch(cache, [0, 1, 2, 3], 24, True, None, seed=0, epoch=1)
+    never = CopyPaste(cache, n_real=6, num_classes=3, prob=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, tile_batch(cache, [0, 1, 2, 3], 24, True, None, 0, 1, never)))
+    always = CopyPaste(cache, n_real=6, num_classes=3, prob=1.0)
+    x1, y1 = tile_batch(cache, [0, 1, 2, 3], 24, True, None, seed=0, epoch=1, copy_paste=always)
+    x2, y2 = tile_batch(cache, [0, 1, 2, 3], 24, True, None, seed=0, epoch=1, copy_paste=always)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(y1, plain[1])  # objects were pasted
+    x3, y3 = tile_batch(cache, [0, 1, 2, 3], 24, True, None, seed=0, epoch=2, copy_paste=always)
+    assert not torch.equal(y3, y1)
+    assert int(y1.min()) >= 0 and int(y1.max()) <= 2
+
+
+def test_copy_paste_donors_are_real_tiles_only(tmp_path):
+    tiles = copy_paste_tiles(1)
+    # the tile with class 1 and 2 objects comes last, as a synthetic tile does in a run's cache
+    cache = [tiles[1], tiles[2], tiles[0]]
+    cp = CopyPaste(cache, n_real=2, num_classes=3, prob=1.0)
+    assert cp.donors == {0: [1], 1: [], 2: []} and list(cp.classes) == [0]
+    for seed in range(10):
+        image, mask, pasted = cp(2, *cache[2], np.random.default_rng(seed))
+        assert pasted.any() and (image[pasted] == 0.5).all() and (mask[pasted] == 0).all()
+    with pytest.raises(InputError, match="copy_paste"):
+        CopyPaste(cache, n_real=0, num_classes=3)
+
+
 # --- encoder weights ----------------------------------------------------------------------------------------
 
 
@@ -329,6 +491,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         (["--set", "epoch=3", "--out", tmp_path / "o4"], "unknown config key 'epoch'"),
         (["--synthetic", real, "--synthetic-only", "99", "--out", tmp_path / "o5"], "only 8"),
         (["--encoder-weights", tmp_path / "nope.pt", "--out", tmp_path / "o6"], "nope.pt"),
+        (["--set", "val_every=3", "--out", tmp_path / "o7"], "val_every applies in step mode only"),
+        (["--synthetic", real, "--synthetic-only", "4", "--val", real, "--set", "augment=copy_paste",
+          "--out", tmp_path / "o8"], "copy_paste"),
     ]
     for extra, needle in cases:
         code, _, err = run_cli(base + extra, capsys)

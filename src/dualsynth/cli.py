@@ -366,7 +366,8 @@ def _seg_overrides(sets, **options) -> dict:
 
 
 def _echo_epoch(row: dict) -> None:
-    click.echo(f"epoch {int(row['epoch']):>3}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+    unit = "step" if "step" in row else "epoch"
+    click.echo(f"{unit} {int(row[unit]):>3}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
                f"acc {100 * row['val_accuracy']:.1f}%  mIoU {100 * row['val_miou']:.1f}%  "
                f"MCIoU {100 * row['val_missing_class_iou']:.1f}%  lr {row['lr']:.2g}  ({row['seconds']:.0f} s)", err=True)
 
@@ -382,15 +383,16 @@ def _echo_epoch(row: dict) -> None:
 @click.option("--config", "config_file", type=click.Path(), help="YAML config on top of the preset.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set model.encoder=resnet34.")
 @click.option("--encoder-weights", help="none, imagenet (the paper's; read from the local Hugging Face or torch cache, never downloaded) or a local encoder state-dict file.")
-@click.option("--augment", type=click.Choice(["none", "paper"]), help="paper: the Albumentations baseline of §5.3 on training tiles.")
+@click.option("--augment", type=click.Choice(["none", "paper", "copy_paste"]), help="paper: the Albumentations baseline of §5.3 on training tiles; copy_paste: objects of real training tiles pasted into training tiles.")
 @click.option("--epochs", type=int, help="Maximum number of epochs.")
+@click.option("--steps", type=int, help="Step mode: exactly this many optimizer updates, whatever the training set's size (validation every val_every updates).")
 @click.option("--seed", type=int, help="Seed of the model init, the synthetic draw, data order and augmentation.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch (same config).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (shown only on a terminal).")
 @threads_option
 @device_option
 def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_only, out, preset, config_file, sets,
-              encoder_weights, augment, epochs, seed, resume, progress, threads, device):
+              encoder_weights, augment, epochs, steps, seed, resume, progress, threads, device):
     """Train a U-Net (segmentation-models-pytorch) on real tiles, optionally with synthetic pairs added.
 
     Best checkpoint on the validation score named by `monitor` (default Missing Class IoU), early stopping,
@@ -399,7 +401,8 @@ def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_on
     from dualsynth.config import deep_merge, load_config, validate_config
     from dualsynth.segmentation import PRESETS, SegTrainConfig, saved_run_config, train_segmentation
 
-    overrides = _seg_overrides(sets, encoder_weights=encoder_weights, augment=augment, epochs=epochs, seed=seed)
+    overrides = _seg_overrides(sets, encoder_weights=encoder_weights, augment=augment, epochs=epochs, steps=steps,
+                               seed=seed)
     if resume and (Path(out) / "config.yaml").is_file() and preset is None and config_file is None:
         saved, data = saved_run_config(out)
         config = validate_config(SegTrainConfig, deep_merge(saved.model_dump(mode="json"), overrides), "--set")
@@ -416,9 +419,9 @@ def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_on
         on_epoch=_echo_epoch,
     )
     how = "stopped early" if summary["stopped_early"] else "finished" if summary["finished"] else "paused"
-    best = summary["best"]
-    click.echo(f"{how} after {summary['epochs_done']} epochs; best validation {summary['monitor']} "
-               f"{'-' if best != best else f'{100 * best:.1f} %'} at epoch {summary['best_epoch']}")
+    best, unit = summary["best"], summary["unit"]
+    click.echo(f"{how} after {summary[f'{unit}s_done']} {unit}s; best validation {summary['monitor']} "
+               f"{'-' if best != best else f'{100 * best:.1f} %'} at {unit} {summary[f'best_{unit}']}")
     click.echo(f"run folder: {out} (checkpoints/best.pt, log.csv, learning_curve.png, manifest.json)")
 
 

@@ -2,13 +2,14 @@
 evaluation with the paper's metrics, and the quality pre-test.
 
 - `model`: `UNet`, `build_unet`, encoder weights, `load_segmenter`, `predict`.
-- `data`: `select_training_data` (real + synthetic tiles), `TileCache`, `tile_batch`, augmentation.
+- `data`: `select_training_data` (real + synthetic tiles), `TileCache`, `tile_batch`, augmentation (`CopyPaste`).
 - `training`: `SegTrainConfig`, `PRESETS`, `train_segmentation`.
 - `evaluation`: `evaluate`, `evaluate_run`, `write_evaluation`, `evaluate_mask_folders`, `format_evaluation`.
 - `pretest`: `pretest`.
 """
 
 from dualsynth.segmentation.data import (
+    CopyPaste,
     TileCache,
     TrainingData,
     check_compatible,

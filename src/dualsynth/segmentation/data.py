@@ -2,7 +2,8 @@
 
 Real training tiles (the train split of a dataset folder), synthetic pairs added as a percentage of them
 (paper §4.2.1, Table 5) or alone (Table 6), real validation tiles; decoded tiles cached in memory; random
-crops, flips/rotations and the paper's §5.3 Albumentations baseline, all drawn from (seed, epoch, tile).
+crops, flips/rotations, the paper's §5.3 Albumentations baseline and copy-paste of real objects, all drawn from
+(seed, epoch or step, tile).
 """
 
 from __future__ import annotations
@@ -182,12 +183,76 @@ def augment_image(augmenter: Any, image: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
+class CopyPaste:
+    """Copy-paste augmentation: objects of a real training tile pasted, with their mask, into a training tile.
+
+    With probability `prob` a receiving tile gets a paste: a class is chosen among those that are a minority
+    class of some real training tile (not the tile's most frequent class), with probability inversely
+    proportional to its pixel frequency over the real training tiles (rare classes are pasted most); then a
+    donor among the real tiles where that class is a minority (not the receiver itself when there is another),
+    a random non-empty subset of that class's connected objects in the donor (8-connected), a random
+    flip/rotation of the donor, and a random shift that keeps the objects inside the receiver where they fit.
+    The objects' image pixels and mask labels replace the receiver's. Donors are the first `n_real` tiles of the
+    cache (the real ones; synthetic tiles follow them in a run's cache), so only real labels are ever pasted.
+    """
+
+    def __init__(self, cache: TileCache, n_real: int, num_classes: int, prob: float = 0.5):
+        from skimage.measure import label
+
+        if n_real < 1:
+            raise InputError("augment", "copy_paste pastes objects of real training tiles; this run has none")
+        self.cache, self.prob, self._label = cache, float(prob), label
+        counts = np.stack([np.bincount(cache[i][1].ravel(), minlength=num_classes)[:num_classes]
+                           for i in range(n_real)])
+        self.frequency = counts.sum(0) / max(counts.sum(), 1)
+        majority = counts.argmax(1)
+        # donors[c]: real tiles in which class c is present and is not the most frequent class
+        self.donors = {c: [i for i in range(n_real) if counts[i, c] > 0 and majority[i] != c]
+                       for c in range(num_classes)}
+        self.classes = np.array([c for c in range(num_classes) if self.donors[c]], dtype=np.int64)
+        weights = 1.0 / self.frequency[self.classes] if len(self.classes) else np.zeros(0)
+        self.class_p = weights / weights.sum() if len(self.classes) else weights
+
+    def __call__(self, index: int, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image, mask) of tile `index` with pasted objects, and the boolean map of pasted pixels."""
+        pasted = np.zeros(mask.shape, dtype=bool)
+        if not len(self.classes) or rng.random() >= self.prob:
+            return image, mask, pasted
+        cls = int(rng.choice(self.classes, p=self.class_p))
+        donors = [d for d in self.donors[cls] if d != index] or self.donors[cls]
+        donor_image, donor_mask = self.cache[int(donors[int(rng.integers(len(donors)))])]
+        donor_image, donor_mask = random_dihedral(rng, donor_image, donor_mask, axes=(0, 1))
+        objects, n = self._label(donor_mask == cls, connectivity=2, return_num=True)
+        chosen = rng.permutation(n)[: int(rng.integers(1, n + 1))] + 1
+        ys, xs = np.nonzero(np.isin(objects, chosen))
+        dy = _shift(rng, int(ys.min()), int(ys.max()), mask.shape[0])
+        dx = _shift(rng, int(xs.min()), int(xs.max()), mask.shape[1])
+        ty, tx = ys + dy, xs + dx
+        inside = (ty >= 0) & (ty < mask.shape[0]) & (tx >= 0) & (tx < mask.shape[1])
+        ys, xs, ty, tx = ys[inside], xs[inside], ty[inside], tx[inside]
+        image, mask = image.copy(), mask.copy()
+        image[ty, tx] = donor_image[ys, xs]
+        mask[ty, tx] = donor_mask[ys, xs]
+        pasted[ty, tx] = True
+        return image, mask, pasted
+
+
+def _shift(rng: np.random.Generator, low: int, high: int, size: int) -> int:
+    """A random offset that moves [low, high] inside [0, size) when it fits (else it covers the whole range)."""
+    a, b = -low, size - 1 - high
+    return int(rng.integers(min(a, b), max(a, b) + 1))
+
+
 def tile_batch(
     cache: TileCache, indices: Sequence[int], crop: int | None, flips: bool, augmenter: Any, seed: int, epoch: int,
+    copy_paste: CopyPaste | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training batch of these tile indices: random crop, flips/rotations, photometric augmentation.
+    """The training batch of these tile indices: random crop, copy-paste, flips/rotations, photometric augmentation.
 
-    Randomness comes from (seed, epoch, tile index), so a batch does not depend on what ran before it.
+    Randomness comes from (seed, epoch, tile index) (in step mode `epoch` is the step), so a batch does not
+    depend on what ran before it. Copy-paste draws from its own generator, so crops and flips are those of the
+    same batch without it.
     """
     images, masks = [], []
     for i in indices:
@@ -197,6 +262,8 @@ def tile_batch(
             y = int(rng.integers(0, mask.shape[0] - crop + 1))
             x = int(rng.integers(0, mask.shape[1] - crop + 1))
             image, mask = image[y : y + crop, x : x + crop], mask[y : y + crop, x : x + crop]
+        if copy_paste is not None:
+            image, mask, _ = copy_paste(int(i), image, mask, np.random.default_rng([int(seed), int(epoch), int(i), 2]))
         if flips:
             image, mask = random_dihedral(rng, image, mask, axes=(0, 1))
         if augmenter is not None:

@@ -18,7 +18,7 @@ from dualsynth.errors import InputError
 from dualsynth.io import progress_bar, save_figure, save_png, to_uint8, write_csv, write_json
 from dualsynth.metrics import SegmentationScores, format_scores
 from dualsynth.segmentation.data import TileCache, same_size_groups
-from dualsynth.segmentation.model import UNetConfig, load_segmenter, predict_batch
+from dualsynth.segmentation.model import UNetConfig, checkpoint_info, load_segmenter, predict_batch
 
 
 @dataclass
@@ -200,7 +200,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, split: str 
     """`dualsynth evaluate`: score a run's best model on a split of a dataset folder and write the results."""
     model = load_segmenter(run, device)
     result = evaluate(model, data, split, keep_examples=overlays, progress=progress)
-    result.info.update(model=str(Path(run)), checkpoint_epoch=getattr(model, "checkpoint_epoch", None))
+    result.info.update(model=str(Path(run)), **checkpoint_info(model))
     write_evaluation(result, out, overlays, title=f"{Path(run).name} on {Path(data).name} ({split or 'all'})")
     return result
 

@@ -266,7 +266,16 @@ def load_segmenter(run: str | Path, device: str | torch.device = "auto", checkpo
         warnings.simplefilter("ignore", DeprecationWarning)
         model = UNet.from_checkpoint(ckpt)
     model.checkpoint_epoch = ckpt.get("epoch")  # type: ignore[attr-defined]
+    model.checkpoint_step = ckpt.get("step")  # type: ignore[attr-defined]  # runs trained in step mode
     return model.to(dev).eval()
+
+
+def checkpoint_info(model: Any) -> dict[str, Any]:
+    """Which iteration a loaded segmenter's checkpoint is from: its epoch, and its step for step-mode runs."""
+    info = {"checkpoint_epoch": getattr(model, "checkpoint_epoch", None)}
+    if getattr(model, "checkpoint_step", None) is not None:
+        info["checkpoint_step"] = model.checkpoint_step
+    return info
 
 
 def _model_device(model: Any) -> torch.device:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dualsynth.segmentation.evaluation import EvaluationResult, evaluate, write_evaluation
-from dualsynth.segmentation.model import load_segmenter
+from dualsynth.segmentation.model import checkpoint_info, load_segmenter
 
 
 def pretest(run: str | Path, synthetic: str | Path, out: str | Path, overlays: int = 4, device: str = "auto",
@@ -19,7 +19,7 @@ def pretest(run: str | Path, synthetic: str | Path, out: str | Path, overlays: i
     """
     model = load_segmenter(run, device)
     result = evaluate(model, synthetic, None, keep_examples=max(overlays, 0), reference="prediction", progress=progress)
-    result.info.update(model=str(Path(run)), checkpoint_epoch=getattr(model, "checkpoint_epoch", None),
+    result.info.update(model=str(Path(run)), **checkpoint_info(model),
                        note="the model's prediction is the reference; the synthetic masks are scored against it")
     write_evaluation(result, out, overlays, title=f"pre-test of {Path(synthetic).name} with {Path(run).name}",
                      figure_name="pretest.png", figure_columns=("synthetic image", "synthetic mask", "prediction"))

@@ -3,8 +3,13 @@
 `train_segmentation` trains on the train split of a real dataset folder, optionally with synthetic pairs added
 (`synthetic_percent`) or on synthetic pairs only (`synthetic_only`); validation always uses real tiles. It
 writes a run folder (config.yaml, checkpoints/best.pt and last.pt, log.csv, learning_curve.png,
-manifest.json listing every file used). Everything random is a function of the seed and the epoch, so a run
-stopped after epoch k and resumed ends with the same weights as one that was never stopped.
+manifest.json listing every file used). Everything random is a function of the seed and the epoch (or step), so
+a run stopped after epoch k and resumed ends with the same weights as one that was never stopped.
+
+Two ways to count training, both on the same engine: by epochs (`epochs`, the paper's; one engine iteration is
+an epoch, validated at its end), or by optimizer updates (`steps`: one engine iteration is an update, so a run
+takes exactly that many whatever the size of its training set; validation, the plateau schedule and best.pt
+every `val_every` updates, and no early stopping unless asked for).
 """
 
 from __future__ import annotations
@@ -15,14 +20,21 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dualsynth.config import StrictModel, amp_dtype, apply_threads, autocast, resolve_device
-from dualsynth.engine import Engine, adam, Plateau, epoch_batches
+from dualsynth.engine import Engine, adam, Plateau, epoch_batches, step_batch
 from dualsynth.io import progress_bar, read_csv, save_figure
 from dualsynth.metrics import SegmentationScores
 from dualsynth.runs import RunFolder
-from dualsynth.segmentation.data import TileCache, paper_augmentation, same_size_groups, select_training_data, tile_batch
+from dualsynth.segmentation.data import (
+    CopyPaste,
+    TileCache,
+    paper_augmentation,
+    same_size_groups,
+    select_training_data,
+    tile_batch,
+)
 from dualsynth.segmentation.model import KIND, UNetArchitecture, build_unet, check_encoder_weights, file_sha256
 
 MONITORS = ("missing_class_iou", "miou")
@@ -41,20 +53,44 @@ class SegTrainConfig(StrictModel):
         None, ge=8, description="train on random square crops of this side (at most the tile size); None: whole tiles"
     )
     flips: bool = Field(False, description="random flips and 90-degree rotations of training tiles")
-    augment: Literal["none", "paper"] = Field("none", description="paper: the Albumentations baseline of §5.3")
+    augment: Literal["none", "paper", "copy_paste"] = Field(
+        "none", description="paper: the Albumentations baseline of §5.3; copy_paste: objects of real training tiles "
+        "pasted with their mask into training tiles (see copy_paste_prob)"
+    )
+    copy_paste_prob: float = Field(
+        0.5, ge=0, le=1, description="with augment copy_paste: probability that a training tile receives pasted objects"
+    )
     batch_size: int = Field(2, ge=1, description="training tiles per update (paper: 2)")
     val_batch_size: int = Field(1, ge=1, description="validation tiles per forward pass (paper: 1)")
-    epochs: int = Field(200, ge=1, description="maximum number of epochs (paper: 200)")
+    epochs: int = Field(200, ge=1, description="maximum number of epochs (paper: 200); unused when steps is set")
+    steps: int | None = Field(
+        None, ge=1, description="step mode: exactly this many optimizer updates whatever the training set's size "
+        "(batches from seeded passes over the tiles); null: epoch mode (epochs)"
+    )
+    val_every: int | None = Field(
+        None, ge=1, description="step mode: validate (best.pt, lr plateau, early stopping, log row) every this many "
+        "updates and after the last; null: max(1, steps // 10). Only with steps"
+    )
+    early_stop: bool | Literal["auto"] = Field(
+        "auto", description="early stopping after early_stop_patience validations without improvement: true, "
+        "false, or auto (on in epoch mode, off in step mode so that every run takes its full steps)"
+    )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (paper: 0.001)")
     loss: Literal["dice_focal", "cross_entropy"] = Field("dice_focal", description="paper: dice + focal")
     monitor: Literal["missing_class_iou", "miou"] = Field(
         "missing_class_iou",
         description="validation score that picks best.pt and drives ReduceLROnPlateau and early stopping",
     )
-    lr_patience: int = Field(5, ge=1, description="epochs without improvement before the lr is reduced (paper: 5)")
+    lr_patience: int = Field(
+        5, ge=1, description="validations (epochs, or val_every steps) without improvement before the lr is reduced "
+        "(paper: 5)"
+    )
     lr_factor: float = Field(0.1, gt=0, lt=1, description="lr multiplier on a plateau (Keras default 0.1)")
     min_lr: float = Field(1e-6, ge=0, description="the lr is never reduced below this")
-    early_stop_patience: int = Field(15, ge=1, description="epochs without improvement before stopping (paper: 15)")
+    early_stop_patience: int = Field(
+        15, ge=1, description="validations (epochs, or val_every steps) without improvement before stopping, where "
+        "early_stop is on (paper: 15)"
+    )
     seed: int = Field(0, ge=0, description="seed of every random choice in the run")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
@@ -67,6 +103,27 @@ class SegTrainConfig(StrictModel):
         if not v.strip():
             raise ValueError("must be none, imagenet or a file path")
         return v
+
+    @model_validator(mode="after")
+    def _val_every_needs_steps(self) -> "SegTrainConfig":
+        if self.val_every is not None and self.steps is None:
+            raise ValueError("val_every applies in step mode only: set steps too, or val_every to null")
+        return self
+
+    @property
+    def unit(self) -> Literal["step", "epoch"]:
+        """What one engine iteration is: an optimizer update (step mode) or an epoch."""
+        return "epoch" if self.steps is None else "step"
+
+    @property
+    def validation_interval(self) -> int:
+        """Updates between validations in step mode (val_every, default a tenth of the steps)."""
+        return self.val_every if self.val_every is not None else max(1, (self.steps or 0) // 10)
+
+    @property
+    def stops_early(self) -> bool:
+        """Whether early stopping is on: early_stop, where auto is on in epoch mode and off in step mode."""
+        return self.steps is None if self.early_stop == "auto" else bool(self.early_stop)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -160,13 +217,15 @@ def train_segmentation(
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a U-Net into the run folder `out`; return a summary (epochs done, best epoch and score).
+    """Train a U-Net into the run folder `out`; return a summary: ``unit`` (epoch or step), iterations done
+(``epochs_done`` or ``steps_done``), the best one (``best_epoch`` or ``best_step``) and its score.
 
     `train`/`val`: dataset folders (train split of `train`, val split of `val`, default `train`). `synthetic`
     with `synthetic_percent` adds round(P/100 x real tiles) synthetic pairs; `synthetic_only` trains on that many
     synthetic pairs alone. `resume` continues `out` from checkpoints/last.pt (same config required).
     `threads`: torch CPU threads (`auto`: `dualsynth.config.auto_threads`). `stop_after` ends this call after
-    that many epochs, as if the run had been killed there (for tests). `on_epoch` receives each log row.
+    that many epochs (steps in step mode), as if the run had been killed there (for tests). `on_epoch` receives
+    each log row (one per epoch, or per validation in step mode).
     """
     apply_threads(threads)
     dev = resolve_device(device)
@@ -187,6 +246,9 @@ def train_segmentation(
     train_cache, val_cache = TileCache(data.train), TileCache(data.val)
     crop = None if config.crop is None else min(config.crop, train_cache.smallest_side())
     augmenter = paper_augmentation(data.in_channels) if config.augment == "paper" else None
+    # donors are the real tiles only (they come first in the cache): synthetic labels are never pasted
+    copy_paste = (CopyPaste(train_cache, len(data.real), len(data.classes), config.copy_paste_prob)
+                  if config.augment == "copy_paste" else None)
     class_names = [c.name for c in data.classes]
     inputs = {**{k: run_config[k] for k in ("train", "val", "synthetic", "synthetic_percent", "synthetic_only")},
               "encoder_weights": weights, "crop_used": crop, **data.manifest()}
@@ -201,17 +263,30 @@ def train_segmentation(
     layout = torch.channels_last if amp_dtype(dev, config.precision, training=True) else torch.contiguous_format
     model = model.to(memory_format=layout)
     run = RunFolder.create(out, run_config, kind=KIND, resume=resume)
+    unit, stepped = config.unit, config.steps is not None
     engine = Engine(
         run, dev, models={"unet": model}, optimizers={"main": adam(model.parameters(), config.lr)},
-        seed=config.seed, total=config.epochs, unit="epoch", first=1, state={"lr": config.lr},
-        run_config=run_config, precision=config.precision,
+        seed=config.seed, total=config.steps if stepped else config.epochs, unit=unit, first=0 if stepped else 1,
+        state={"lr": config.lr}, run_config=run_config, precision=config.precision,
     )
     if resume:
         engine.resume()
     run.write_manifest(inputs)
     loss_fn = make_loss(config.loss)
-    plateau = Plateau(config.lr_patience, config.lr_factor, config.min_lr, config.early_stop_patience)
+    plateau = Plateau(config.lr_patience, config.lr_factor, config.min_lr,
+                      config.early_stop_patience if config.stops_early else None)
     monitor_key = f"val_{config.monitor}"
+    every = config.validation_interval
+
+    def update(idx: np.ndarray, key: int) -> float:
+        """One optimizer update on the tiles `idx`; `key` (the epoch, or the step) seeds their augmentation."""
+        x, y = tile_batch(train_cache, idx, crop, config.flips, augmenter, config.seed, key, copy_paste)
+        x, y = x.to(dev, memory_format=layout), y.to(dev)
+        with engine.autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        engine.optimize(loss)
+        return float(loss.detach())
 
     def epoch_fn(epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -220,20 +295,32 @@ def train_segmentation(
         losses: list[float] = []
         bar = progress_bar(batches, enabled=progress, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
         for idx in bar:
-            x, y = tile_batch(train_cache, idx, crop, config.flips, augmenter, config.seed, epoch)
-            x, y = x.to(dev, memory_format=layout), y.to(dev)
-            with engine.autocast():
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            engine.optimize(loss)
-            losses.append(float(loss.detach()))
+            losses.append(update(idx, epoch))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
         scores = validate(model, val_cache, loss_fn, config.val_batch_size, dev, class_names)
         return {"epoch": epoch, "train_loss": float(np.mean(losses)), **scores, "lr": engine.state["lr"],
                 "seconds": time.perf_counter() - t0}
 
-    def after(epoch: int, row: dict[str, Any]) -> dict[str, Any]:
+    def step_fn(step: int) -> dict[str, Any] | None:
+        """Update `step` (0-based); after every `val_every`-th update and the last, the validation row."""
+        t0 = time.perf_counter()
+        engine.set_lr(engine.state["lr"])
+        idx = step_batch(len(train_cache), config.batch_size, config.seed, step)
+        engine.accumulate({"train_loss": update(idx, step), "seconds": time.perf_counter() - t0}, items=len(idx))
+        done = step + 1
+        if done % every and done != config.steps:
+            return None
+        window = (done - 1) % every + 1  # updates since the previous validation
+        t1 = time.perf_counter()
+        means = engine.window_means()
+        scores = validate(model, val_cache, loss_fn, config.val_batch_size, dev, class_names)
+        return {"step": done, "train_loss": means["train_loss"], **scores, "lr": engine.state["lr"],
+                "seconds": means["seconds"] * window + time.perf_counter() - t1}
+
+    def after(number: int, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        if row is None:
+            return None
         value = row[monitor_key]
         plateau.update(engine, engine.keep_if_best(value, "max", **{config.monitor: value}))
         engine.log(row)
@@ -241,19 +328,24 @@ def train_segmentation(
             on_epoch(row)
         return {config.monitor: f"{100 * value:.1f}"}
 
-    engine.run_loop(epoch_fn, after, checkpoint_every=1, stop_after=stop_after, progress=False)
+    if stepped:  # last.pt at each validation (and at the end of the call): an update costs less than a checkpoint
+        engine.run_loop(step_fn, after, checkpoint_every=every, stop_after=stop_after, progress=progress,
+                        desc="U-Net")
+    else:
+        engine.run_loop(epoch_fn, after, checkpoint_every=1, stop_after=stop_after, progress=False)
     draw_learning_curve(run.path, config.monitor)  # once per call, not per epoch: a figure costs a fraction of an epoch
 
     best = engine.state["best"]
-    summary = {"run": str(run.path), "epochs_done": engine.done, "finished": engine.finished,
-               "stopped_early": bool(engine.state["stopped"]), "best_epoch": engine.state["best_at"],
+    summary = {"run": str(run.path), "unit": unit, f"{unit}s_done": engine.done, "finished": engine.finished,
+               "stopped_early": bool(engine.state["stopped"]), f"best_{unit}": engine.state["best_at"],
                "monitor": config.monitor, "best": best}
     run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, threads=torch.get_num_threads(), **{k: v for k, v in summary.items() if k != "run"})
     return summary
 
 
 def draw_learning_curve(run_dir: str | Path, monitor: str = "missing_class_iou") -> None:
-    """learning_curve.png: train/val loss, and validation accuracy, mIoU, Missing Class IoU per epoch."""
+    """learning_curve.png: train/val loss, and validation accuracy, mIoU, Missing Class IoU per epoch (or per
+    validation, against the step, in step mode)."""
     path = Path(run_dir) / RunFolder.LOG
     if not path.exists():
         return
@@ -265,7 +357,8 @@ def draw_learning_curve(run_dir: str | Path, monitor: str = "missing_class_iou")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [int(r["epoch"]) for r in rows]
+    unit = "step" if "step" in rows[0] else "epoch"
+    epochs = [int(r[unit]) for r in rows]
 
     def col(key: str) -> list[float]:
         return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
@@ -273,13 +366,13 @@ def draw_learning_curve(run_dir: str | Path, monitor: str = "missing_class_iou")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(epochs, col("train_loss"), marker=".", label="train")
     ax1.plot(epochs, col("val_loss"), marker=".", label="validation")
-    ax1.set_xlabel("epoch")
+    ax1.set_xlabel(unit)
     ax1.set_ylabel("loss")
     ax1.legend()
     ax1.grid(alpha=0.3)
     for key, label in (("val_accuracy", "accuracy"), ("val_miou", "mIoU"), ("val_missing_class_iou", "Missing Class IoU")):
         ax2.plot(epochs, [100 * v for v in col(key)], marker=".", label=label + (" (monitored)" if key == f"val_{monitor}" else ""))
-    ax2.set_xlabel("epoch")
+    ax2.set_xlabel(unit)
     ax2.set_ylabel("validation score (%)")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
