@@ -271,7 +271,7 @@ def demo_tiles(root):
 def write_label_study(root, **changes):
     demo_tiles(root)
     config = {"bases": {"HQ": "hq"}, "real_images": [2, "all"], "generator": TINY_GENERATOR,
-              "arms": ["real", "augment", "synthetic", "synthetic_only"], "percentages": [0, 100], "seeds": [0],
+              "arms": ["real", "augment", "copy_paste", "synthetic", "synthetic_only"], "percentages": [0, 100], "seeds": [0],
               "test": {"data": "hq", "split": "test"}, "seg": TINY_SEG, "overlays": 0, "bootstrap": 500, **changes}
     path = root / "label.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
@@ -280,7 +280,7 @@ def write_label_study(root, **changes):
 
 @pytest.fixture(scope="module")
 def label_study(tmp_path_factory):
-    """A tiny label-efficiency study run once: budgets 2 and all, a generator per budget, four arms, one seed."""
+    """A tiny label-efficiency study run once: budgets 2 and all, a generator per budget, five arms, one seed."""
     root = tmp_path_factory.mktemp("label")
     path = write_label_study(root)
     out = root / "study"
@@ -292,7 +292,7 @@ def label_study(tmp_path_factory):
 def test_label_efficiency_study_end_to_end(label_study):
     root, path, out, summary, log = label_study
     assert "2 generators, 0 already finished, 2 to do" in log
-    assert summary["runs"] == 8 and summary["trained"] == 8 and summary["generators_trained"] == 2
+    assert summary["runs"] == 10 and summary["trained"] == 10 and summary["generators_trained"] == 2
     # the budget folder holds every tile of its 2 chosen images and the base's val split, nothing else
     from dualsynth.data import DatasetFolder
 
@@ -313,20 +313,28 @@ def test_label_efficiency_study_end_to_end(label_study):
     assert all("/generators/HQ-2img-d0/synthetic/" in f for f in manifest["synthetic_train_files"])
     augment = yaml.safe_load((out / "runs" / "HQ-2img-d0-augment-seed0" / "config.yaml").read_text())
     assert augment["augment"] == "paper" and augment["train"].endswith("budgets/HQ-2img-d0")
+    copy_paste = yaml.safe_load((out / "runs" / "HQ-all-copy_paste-seed0" / "config.yaml").read_text())
+    assert copy_paste["augment"] == "copy_paste"
+    # step-matched by default: no seg steps given, so every run takes the 1 epoch of the largest budget's
+    # 32 tiles in batches of 4 = 8 updates, the 8-tile and the 16-tile runs alike
+    for name in ("HQ-2img-d0-real-seed0", "HQ-2img-d0-synthetic-100-seed0", "HQ-all-synthetic-100-seed0"):
+        run_config = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+        assert run_config["steps"] == 8, name
 
     rows = read_csv(out / "results.csv")
-    assert {r["arm"] for r in rows} == {"real", "augment", "synthetic-100", "synthetic_only"}
+    assert {r["arm"] for r in rows} == {"real", "augment", "copy_paste", "synthetic-100", "synthetic_only"}
     assert {(r["budget"], r["images"]) for r in rows} == {("2", "2"), ("all", "8")}
     diffs = read_csv(out / "differences.csv")
-    assert len(diffs) == 2 * 3 * 3  # budgets x arms other than real x metrics
+    assert len(diffs) == 2 * 4 * 3  # budgets x arms other than real x metrics
     assert all(d["verdict"] in ("helps", "no evidence", "hurts") for d in diffs)
     for d in diffs:  # the verdict follows the interval
         low, high = float(d["low"]), float(d["high"])
         assert d["verdict"] == ("helps" if low > 0 else "hurts" if high < 0 else "no evidence")
     saved = read_csv(out / "labels_saved.csv")
     assert {(s["arm"], s["images"], s["next_images"]) for s in saved} == {
-        ("augment", "2", "8"), ("synthetic-100", "2", "8"), ("synthetic_only", "2", "8")}
+        ("augment", "2", "8"), ("copy_paste", "2", "8"), ("synthetic-100", "2", "8"), ("synthetic_only", "2", "8")}
     report = (out / "report.md").read_text()
+    assert "`seg.steps` was not given, so every U-Net takes 8 optimizer steps" in report
     assert "**Labels saved: " in report and "## Each arm against real only at the same budget" in report
     assert "the 8 test tiles (the test set has only 2 source micrographs" in report
     assert "`HQ-2img-d0` (2 images, 8 pairs sampled): fidelity: HF power ratio" in report
@@ -340,7 +348,7 @@ def test_label_study_restart_plan_and_report_only(label_study, capsys):
     assert code == 0
     assert "[done] HQ-2img-d0: vqvae" in stdout and "[done] HQ-all: fidelity" in stdout
     assert "[done] HQ-all-synthetic_only-seed0" in stdout and "[todo]" not in stdout
-    assert "8 U-Net runs, 8 finished" in stdout
+    assert "10 U-Net runs, 10 finished" in stdout
 
     report, diffs = (out / "report.md").read_text(), (out / "differences.csv").read_text()
     (out / "report.md").unlink()
@@ -353,7 +361,7 @@ def test_label_study_restart_plan_and_report_only(label_study, capsys):
     stamp = (out / "generators" / "HQ-all" / "synthetic" / "manifest.csv").stat().st_mtime_ns
     code, stdout, err = run_cli(["study", "--config", path, "--out", out, "--threads", "1"], capsys)
     assert code == 0, err
-    assert "2 generators, 2 already finished, 0 to do" in err and "(8 already finished, 0 trained now)" in stdout
+    assert "2 generators, 2 already finished, 0 to do" in err and "(10 already finished, 0 trained now)" in stdout
     assert (out / "generators" / "HQ-all" / "synthetic" / "manifest.csv").stat().st_mtime_ns == stamp
     # a plan of a larger study marks what is new
     bigger = write_label_study(root, seeds=[0, 1])
@@ -453,6 +461,14 @@ def test_the_issues_example_config_is_accepted_as_written(tmp_path, capsys):
     assert len(runs) == 2 * 2 * 5  # seeds x budgets x (real, augment, copy_paste, synthetic-100, synthetic_only)
     assert {r.arm for r in runs} == {"real", "augment", "copy_paste", "synthetic-100", "synthetic_only"}
     assert next(r for r in runs if r.arm == "copy_paste").seg_set == {"augment": "copy_paste"}
+    from dualsynth.study.budgets import label_seg_config
+    from dualsynth.study.plan import plan_budgets
+
+    seg, note = label_seg_config(config, plan_budgets(config, tmp_path / "out"))
+    assert seg["steps"] == 20 and "every U-Net takes 20 optimizer steps" in note
+    epochs = load_study_config(path, {"seg": {"set": {"steps": None, "epochs": 3}}})
+    seg, note = label_seg_config(epochs, plan_budgets(epochs, tmp_path / "out"))
+    assert seg["steps"] is None and seg["epochs"] == 3 and note.startswith("Epoch-based training")
     code, stdout, err = run_cli(["study", "--config", path, "--out", tmp_path / "out", "--plan"], capsys)
     assert code == 0, err
     assert "[todo] HQ-2img-d0: vqvae" in stdout and "[todo] HQ-all: sample (32 pairs)" in stdout

@@ -76,14 +76,16 @@ def label_seg_config(config: StudyConfig, budgets: list[BudgetPlan]) -> tuple[di
     """The U-Net config of a label-efficiency study and a sentence on how its runs are matched.
 
     Step-matched training is the default: without `seg.steps` every run takes as many optimizer steps as the
-    real-only run of the largest budget takes in the preset's epochs (epochs x updates per epoch).
+    real-only run of the largest budget takes in the preset's epochs (epochs x updates per epoch);
+    `seg.set.steps: null` asks for epoch-based runs (the report then says that more tiles meant more steps).
     """
     import math
 
     from dualsynth.segmentation import SegTrainConfig
 
     seg = seg_config_dict(config)
-    if "steps" not in SegTrainConfig.model_fields:  # this version trains U-Nets by epochs only
+    explicit_epochs = "steps" in config.seg.set and config.seg.set["steps"] is None  # seg.set.steps: null
+    if "steps" not in SegTrainConfig.model_fields or explicit_epochs:
         return seg, ("Epoch-based training: a run with more training tiles also takes more optimizer steps, so "
                      "part of a gain from synthetic tiles may be the extra steps.")
     if seg.get("steps"):
