@@ -278,10 +278,17 @@ def write_label_study(root, **changes):
     return path
 
 
-@pytest.fixture(scope="module")
-def label_study(tmp_path_factory):
-    """A tiny label-efficiency study run once: budgets 2 and all, a generator per budget, five arms, one seed."""
-    root = tmp_path_factory.mktemp("label")
+def test_tiny_label_efficiency_study(tmp_path, capsys):
+    """A tiny label-efficiency study run once (budgets 2 and all, a generator per budget, five arms, one seed),
+    then checked, planned, rebuilt with --report-only and restarted (one test: the study runs once, also when
+    the tests are spread over processes)."""
+    study = _run_label_study(tmp_path)
+    _check_label_study(study)
+    _check_plan_report_only_and_restart(study, capsys)
+    _check_bootstrap_point_estimate(study)
+
+
+def _run_label_study(root):
     path = write_label_study(root)
     out = root / "study"
     lines: list[str] = []
@@ -289,7 +296,7 @@ def label_study(tmp_path_factory):
     return root, path, out, summary, "\n".join(lines)
 
 
-def test_label_efficiency_study_end_to_end(label_study):
+def _check_label_study(label_study):
     root, path, out, summary, log = label_study
     assert "2 generators, 0 already finished, 2 to do" in log
     assert summary["runs"] == 10 and summary["trained"] == 10 and summary["generators_trained"] == 2
@@ -342,7 +349,7 @@ def test_label_efficiency_study_end_to_end(label_study):
         assert (out / name).is_file() and f"]({name})" in report
 
 
-def test_label_study_restart_plan_and_report_only(label_study, capsys):
+def _check_plan_report_only_and_restart(label_study, capsys):
     root, path, out, _, _ = label_study
     code, stdout, _ = run_cli(["study", "--config", path, "--out", out, "--plan"], capsys)
     assert code == 0
@@ -370,7 +377,8 @@ def test_label_study_restart_plan_and_report_only(label_study, capsys):
     assert not (out / "runs" / "HQ-2img-d0-real-seed1").exists()  # --plan ran nothing
 
 
-def test_bootstrap_point_estimate_is_the_evaluation_summary(label_study):
+def _check_bootstrap_point_estimate(label_study):
+    """The bootstrap's point estimate is the evaluation's own summary value (per-tile rows reproduce it)."""
     from dualsynth.study.stats import TileScores, bootstrap, resampling_groups
 
     root, path, out, _, _ = label_study
