@@ -224,7 +224,7 @@ def test_with_a_model_the_encoder_gives_the_features_and_the_pretest_runs(sets, 
     assert code == 2 and str(tmp_path / "unet") in err and err.count("\n") == 1, err
 
 
-def test_module_contract_fidelity_imports_only_its_left_and_only_cli_imports_it():
+def test_module_contract_fidelity_imports_only_its_left_and_only_modules_to_its_right_import_it():
     src = Path(__file__).resolve().parents[1] / "src" / "dualsynth"
     allowed = {"data", "metrics", "segmentation", "io", "config", "errors"}
     tree = ast.parse((src / "fidelity.py").read_text())
@@ -233,4 +233,5 @@ def test_module_contract_fidelity_imports_only_its_left_and_only_cli_imports_it(
     assert used <= allowed, used - allowed
     importers = [p.relative_to(src).as_posix() for p in src.rglob("*.py")
                  if p.name != "fidelity.py" and "dualsynth.fidelity" in p.read_text()]
-    assert importers == ["cli.py"]
+    # to its right: the study (each budget's synthetic set is measured, the report shows it) and the CLI
+    assert "cli.py" in importers and all(p == "cli.py" or p.startswith("study/") for p in importers), importers

@@ -538,13 +538,26 @@ def pretest_cmd(model_dir, synthetic_dir, out, overlays, threads, device):
 @click.option("--address", help="Ray cluster address (default: start a local Ray).")
 @click.option("--device", default=None, help="Override the config's device: auto, cpu or cuda.")
 @click.option("--threads", default="auto", show_default=True, metavar="auto|N", help="Torch threads per training (auto: the free cores shared by the workers).")
-def study_cmd(config_file, out, workers, backend, address, device, threads):
-    """The paper's experiment: U-Nets trained with 0..300 % synthetic data added (and synthetic only), scored
-    on real test tiles; finished runs are skipped when a study is started again."""
+@click.option("--plan", "plan_only", is_flag=True, help="Print every stage the study would run (generator stages per budget and draw, U-Net runs per arm), marking finished ones; run nothing.")
+@click.option("--report-only", is_flag=True, help="Rebuild report.md and the figures and tables from results.csv and the runs' per-tile scores; train nothing.")
+def study_cmd(config_file, out, workers, backend, address, device, threads, plan_only, report_only):
+    """The paper's experiment: U-Nets trained with 0..300 % synthetic data added (and synthetic only), or a
+    label-efficiency study (real_images: budgets of labelled images, a generator per budget, arms compared with
+    bootstrap intervals), scored on real test tiles; finished stages are skipped when a study is started again."""
     from dualsynth.config import parse_threads
-    from dualsynth.study import load_study_config, run_study
+    from dualsynth.study import describe_plan, load_study_config, rebuild_report, run_study
 
     config = load_study_config(config_file, {"device": device} if device else None)
+    if plan_only and report_only:
+        raise click.UsageError("give --plan or --report-only, not both")
+    if plan_only:
+        for line in describe_plan(config, out):
+            click.echo(line)
+        return
+    if report_only:
+        paths = rebuild_report(config, out)
+        click.echo(f"report: {paths['report']}")
+        return
     summary = run_study(config, out, workers=parse_threads(workers), backend=backend, address=address,
                         threads=parse_threads(threads),
                         log=lambda line: click.echo(line, err=True))

@@ -33,7 +33,17 @@ from dualsynth.study.config import (
     resolve_paths,
     seg_config_dict,
 )
-from dualsynth.study.plan import EVALUATION, StudyRun, is_finished, plan_runs, run_dir
+from dualsynth.study.plan import (
+    EVALUATION,
+    BudgetPlan,
+    StudyRun,
+    choose_sources,
+    describe_plan,
+    is_finished,
+    plan_budgets,
+    plan_runs,
+    run_dir,
+)
 from dualsynth.study.report import (
     FIGURES,
     METRICS,
@@ -44,12 +54,14 @@ from dualsynth.study.report import (
     draw_metric_figure,
     draw_per_class_figure,
     gain_verdict,
+    rebuild_report,
     study_report,
     write_study_outputs,
 )
 from dualsynth.study.runner import check_inputs, run_one, run_study
 
 __all__ = [
+    "BudgetPlan", "choose_sources", "describe_plan", "plan_budgets", "rebuild_report",
     "EVALUATION", "FIGURES", "METRICS", "NAME_RE", "PER_CLASS_FIGURE", "Point", "SegSettings", "StudyConfig",
     "StudyRun", "TestSet", "aggregate", "check_inputs", "collect_results", "draw_metric_figure",
     "draw_per_class_figure", "gain_verdict", "is_finished", "load_study_config", "plan_runs", "resolve_paths",

@@ -32,7 +32,7 @@ def collect_results(config: StudyConfig, out: str | Path) -> list[dict[str, Any]
     import json
 
     rows: list[dict[str, Any]] = []
-    for run in plan_runs(config):
+    for run in plan_runs(config, out):
         if not is_finished(out, run.name):
             continue
         folder = run_dir(out, run.name)
@@ -46,7 +46,8 @@ def collect_results(config: StudyConfig, out: str | Path) -> list[dict[str, Any]
             "percent": "" if run.percent is None else run.percent,
             "synthetic_only": "" if run.synthetic_only is None else run.synthetic_only,
             "real_tiles": tiles.get("real_train", ""), "synthetic_tiles": tiles.get("synthetic_train", ""),
-            "seed": run.seed,
+            "seed": run.seed, "budget": run.budget or "", "images": "" if run.images is None else run.images,
+            "draw": "" if run.draw is None else run.draw, "arm": run.arm or "",
         }
         for metric in ("pixel_accuracy", "miou", "mean_image_miou", "missing_class_iou"):
             rows.append({**common, "metric": metric, "class": "", "value": _num(s.get(metric))})
@@ -95,10 +96,15 @@ def write_study_outputs(config: StudyConfig, out: str | Path) -> dict[str, Path]
     """results.csv, summary.csv, the figures and report.md from whatever runs have finished."""
     out = Path(out)
     rows = collect_results(config, out)
-    paths = {"results": out / "results.csv", "summary": out / "summary.csv", "report": out / "report.md"}
+    paths = {"results": out / "results.csv", "report": out / "report.md"}
     fields = ["run", "series", "base", "synthetic_set", "percent", "synthetic_only", "real_tiles", "synthetic_tiles",
-              "seed", "metric", "class", "value"]
+              "seed", "metric", "class", "value"] + (["budget", "images", "draw", "arm"] if config.label_efficiency else [])
     write_csv(paths["results"], rows, fields)
+    if config.label_efficiency:
+        from dualsynth.study.efficiency import label_report
+
+        return {**paths, **label_report(config, out)}
+    paths["summary"] = out / "summary.csv"
     class_names = list(dict.fromkeys(r["class"] for r in rows if r["class"]))
     summary_rows = []
     for metric, cls in [(m, "") for m in ("pixel_accuracy", "miou", "mean_image_miou", "missing_class_iou")] + \
@@ -118,6 +124,19 @@ def write_study_outputs(config: StudyConfig, out: str | Path) -> dict[str, Path]
             draw_per_class_figure(paths["per_class"], rows, class_names, reference_tiles)
     write_text(paths["report"], study_report(config, rows, class_names, paths))
     return paths
+
+
+def rebuild_report(config: StudyConfig, out: str | Path) -> dict[str, Path]:
+    """`dualsynth study --report-only`: the report, figures and tables again, training nothing. A label-efficiency
+    study's are rebuilt from results.csv and the per-tile files; an old-style study's from its finished runs."""
+    out = Path(out)
+    if not (out / "results.csv").is_file():
+        raise InputError(out / "results.csv", "not found: run the study first")
+    if config.label_efficiency:
+        from dualsynth.study.efficiency import label_report
+
+        return {"results": out / "results.csv", **label_report(config, out)}
+    return write_study_outputs(config, out)
 
 
 def _point_order(p: Point) -> tuple:

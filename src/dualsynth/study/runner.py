@@ -17,28 +17,33 @@ from typing import Any, Callable, Literal
 from dualsynth.data import DatasetFolder
 from dualsynth.errors import InputError
 from dualsynth.io import write_yaml
-from dualsynth.study.config import StudyConfig, seg_config_dict
-from dualsynth.study.plan import EVALUATION, StudyRun, is_finished, plan_runs, run_dir
+from dualsynth.config import deep_merge
+from dualsynth.study.config import StudyConfig, nested_overrides, seg_config_dict
+from dualsynth.study.plan import (
+    EVALUATION,
+    StudyRun,
+    generator_stages,
+    generator_stages_done,
+    is_finished,
+    plan_budgets,
+    plan_label_runs,
+    plan_runs,
+    run_dir,
+)
+from dualsynth.study.budgets import label_seg_config
 from dualsynth.study.report import write_study_outputs
+
+
+def arm_seg_config(seg_config: dict[str, Any], seg_set: dict[str, Any]) -> dict[str, Any]:
+    """The train-seg config of one arm: the study's, with the arm's overrides (e.g. augment: paper)."""
+    return deep_merge(seg_config, nested_overrides(seg_set)) if seg_set else seg_config
 
 
 def check_inputs(config: StudyConfig, runs: list[StudyRun]) -> None:
     """Open every dataset and resolve every run's tiles before training anything, so bad input (a missing
     folder, mismatched classes, too few synthetic tiles, a synthetic test set) fails at once."""
-    from dualsynth.segmentation import check_compatible, select_training_data
-
-    test = DatasetFolder(config.test.data)
-    records = test.records(split=config.test.split)
-    if not records:
-        raise InputError(test.path, f"test set has no '{config.test.split}' tiles (splits: {', '.join(test.splits)})")
-    fake = [r.file for r in records if r.origin != "real"]
-    if fake:
-        raise InputError(test.path, f"the test set must be real tiles only; '{fake[0]}' is {records[0].origin}")
-    for name, path in config.bases.items():
-        check_compatible(test, DatasetFolder(path), f"base '{name}'")
-    for run in runs:
-        select_training_data(run.train, run.val, run.synthetic, run.percent if run.synthetic_only is None else None,
-                             run.synthetic_only, run.seed)
+    check_test_set(config)
+    _check_runs(runs)
 
 
 def run_one(job: dict[str, Any], seg_config: dict[str, Any], test: dict[str, Any], out: str, device: str,
@@ -58,7 +63,7 @@ def run_one(job: dict[str, Any], seg_config: dict[str, Any], test: dict[str, Any
     t0 = time.perf_counter()
     try:
         folder = run_dir(out, name)
-        config = SegTrainConfig.model_validate({**seg_config, "seed": job["seed"]})
+        config = SegTrainConfig.model_validate({**arm_seg_config(seg_config, job.get("seg_set") or {}), "seed": job["seed"]})
         train_segmentation(
             job["train"], folder, config, val=job["val"], synthetic=job["synthetic"],
             synthetic_percent=job["percent"] if job["synthetic_only"] is None else None,
@@ -96,6 +101,8 @@ def run_study(
     if backend not in ("local", "ray"):
         raise InputError("--backend", f"unknown backend '{backend}' (local or ray)")
     out = Path(out)
+    if config.label_efficiency:
+        return _run_label_study(config, out, workers, backend, address, threads, progress, log)
     seg_config = seg_config_dict(config)
     runs = plan_runs(config)
     check_inputs(config, runs)
@@ -104,12 +111,18 @@ def run_study(
     resolve_device(config.device)
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / "study.yaml", {**config.model_dump(mode="json"), "resolved_seg_config": seg_config})
+    return _train_runs(config, out, runs, seg_config, workers, backend, address, threads, progress, log)
 
+
+def _train_runs(config: StudyConfig, out: Path, runs: list[StudyRun], seg_config: dict[str, Any], workers: int | None,
+                backend: str, address: str | None, threads: int | None, progress: bool,
+                log: Callable[[str], None], t0: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and evaluate the unfinished runs, then write the results, figures and report; return a summary."""
     todo = [r for r in runs if not is_finished(out, r.name)]
     log(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do")
     test = config.test.model_dump(mode="json")
     args = (seg_config, test, str(out), config.device, config.overlays)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     results: list[dict[str, Any]] = []
 
     def report(i: int, res: dict[str, Any]) -> None:
@@ -130,7 +143,7 @@ def run_study(
     if not jobs:
         pass
     elif backend == "ray":
-        _run_ray(jobs, args, address, config, report)
+        _run_ray(run_one, jobs, args, address, config, report)
     elif workers == 1:
         for i, job in enumerate(jobs, 1):
             report(i, run_one(job, *args, threads=threads, progress=progress))
@@ -140,11 +153,102 @@ def run_study(
     paths = write_study_outputs(config, out)
     failed = [r for r in results if "error" in r]
     summary = {"runs": len(runs), "trained": len(results) - len(failed), "failed": len(failed),
-               "skipped": len(runs) - len(todo), "seconds": time.perf_counter() - t0, **{k: str(v) for k, v in paths.items()}}
+               "skipped": len(runs) - len(todo), "seconds": time.perf_counter() - t0, **(extra or {}),
+               **{k: str(v) for k, v in paths.items()}}
     if failed:
         raise InputError(out, f"{len(failed)} of {len(todo)} runs failed (first: {failed[0]['name']}: "
                          f"{failed[0]['error']}); start the study again to retry them")
     return summary
+
+
+def check_test_set(config: StudyConfig) -> None:
+    """The test set is real tiles only and every base has its classes and channels."""
+    from dualsynth.segmentation import check_compatible
+
+    test = DatasetFolder(config.test.data)
+    records = test.records(split=config.test.split)
+    if not records:
+        raise InputError(test.path, f"test set has no '{config.test.split}' tiles (splits: {', '.join(test.splits)})")
+    fake = [r.file for r in records if r.origin != "real"]
+    if fake:
+        raise InputError(test.path, f"the test set must be real tiles only; '{fake[0]}' is {records[0].origin}")
+    for name, path in config.bases.items():
+        check_compatible(test, DatasetFolder(path), f"base '{name}'")
+
+
+def check_arm_configs(config: StudyConfig, seg_config: dict[str, Any]) -> None:
+    """Every arm's train-seg config validates (e.g. copy_paste needs a train-seg that has it)."""
+    from dualsynth.config import validate_config
+    from dualsynth.segmentation import SegTrainConfig
+    from dualsynth.study.config import ARM_SEG_OVERRIDES
+
+    for arm in config.arms:
+        if arm in ARM_SEG_OVERRIDES:
+            validate_config(SegTrainConfig, arm_seg_config(seg_config, ARM_SEG_OVERRIDES[arm]),
+                            source=f"study config 'arms' ({arm})")
+
+
+def _check_runs(runs: list[StudyRun]) -> None:
+    from dualsynth.segmentation import select_training_data
+
+    for run in runs:
+        select_training_data(run.train, run.val, run.synthetic, run.percent if run.synthetic_only is None else None,
+                             run.synthetic_only, run.seed)
+
+
+def _run_label_study(config: StudyConfig, out: Path, workers: int | None, backend: str, address: str | None,
+                     threads: int | None, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """A label-efficiency study: budget folders, then each budget's generator, then every arm's U-Nets."""
+    from dualsynth.config import resolve_device
+    from dualsynth.study.budgets import check_generator_settings, write_budget_dataset
+
+    t0 = time.perf_counter()
+    budgets = plan_budgets(config, out)
+    runs = plan_label_runs(config, budgets)
+    seg_config, matching = label_seg_config(config, budgets)
+    check_arm_configs(config, seg_config)
+    if config.needs_generators:
+        check_generator_settings(config.generator)
+    check_test_set(config)
+    resolve_device(config.device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / "study.yaml", {**config.model_dump(mode="json"), "resolved_seg_config": seg_config,
+                                    "training": matching})
+    for b in budgets:
+        write_budget_dataset(b)
+    _check_runs([r for r in runs if r.synthetic is None])
+    generators = [b for b in budgets if b.sample_count]
+    stages = generator_stages(config)
+    todo = [b for b in generators if set(stages) - set(generator_stages_done(b.generator))]
+    log(f"study: {len(generators)} generators, {len(generators) - len(todo)} already finished, {len(todo)} to do")
+    results: list[dict[str, Any]] = []
+
+    def report(i: int, res: dict[str, Any]) -> None:
+        results.append(res)
+        if "error" in res:
+            log(f"[generator {i}/{len(todo)}] {res['name']}: FAILED: {res['error']}")
+        else:
+            log(f"[generator {i}/{len(todo)}] {res['name']}: {', '.join(res['ran']) or 'nothing'} done in "
+                f"{res['seconds']:.0f} s")
+
+    from dualsynth.study.budgets import run_generator
+
+    jobs = [asdict(b) for b in todo]
+    args = (config.generator.model_dump(mode="json"), config.device)
+    if jobs and backend == "ray":
+        _run_ray(run_generator, jobs, args, address, config, report, stages=stages)
+    else:
+        for i, job in enumerate(jobs, 1):
+            log(f"[generator {i}/{len(todo)}] {job['name']}: training on {len(job['sources'])} images "
+                f"({job['tiles']} tiles)")
+            report(i, run_generator(job, *args, threads=threads, progress=progress, stages=stages))
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise InputError(out, f"{len(failed)} of {len(todo)} generators failed (first: {failed[0]['name']}: "
+                         f"{failed[0]['error']}); start the study again to retry them")
+    _check_runs([r for r in runs if r.synthetic is not None])
+    return _train_runs(config, out, runs, seg_config, workers, backend, address, threads, progress, log, t0,
+                       {"generators": len(generators), "generators_trained": len(results)})
 
 
 def _score_note(out: Path, name: str) -> str:
@@ -194,7 +298,9 @@ def _run_processes(jobs: list[dict], args: tuple, workers: int, threads: int | N
             report(i, fut.result())
 
 
-def _run_ray(jobs: list[dict], args: tuple, address: str | None, config: StudyConfig, report: Callable) -> None:
+def _run_ray(fn: Callable, jobs: list[dict], args: tuple, address: str | None, config: StudyConfig, report: Callable,
+             **kwargs: Any) -> None:
+    """Each job as a Ray task running `fn(job, *args, threads, False, **kwargs)` (a study run or a generator)."""
     try:
         import ray
     except ImportError:
@@ -204,8 +310,8 @@ def _run_ray(jobs: list[dict], args: tuple, address: str | None, config: StudyCo
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except Exception as exc:
             raise InputError("--address", f"cannot connect to Ray ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    task = ray.remote(num_cpus=config.ray_cpus_per_task, num_gpus=config.ray_gpus_per_task)(run_one)
-    pending = [task.remote(job, *args, config.ray_cpus_per_task, False) for job in jobs]
+    task = ray.remote(num_cpus=config.ray_cpus_per_task, num_gpus=config.ray_gpus_per_task)(fn)
+    pending = [task.remote(job, *args, config.ray_cpus_per_task, False, **kwargs) for job in jobs]
     i = 0
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
