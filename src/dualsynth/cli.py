@@ -346,14 +346,16 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
                workers, real, renderer_dir, threads, no_progress, device):
     """Sample synthetic micrograph + mask pairs: prior -> z-matrices -> VQ-VAE decoder -> mask clean-up."""
     from dualsynth.config import apply_threads, parse_threads
-    from dualsynth.synthetic import sample_dataset
+    from dualsynth.synthetic import FIDELITY_DIR, check_real_fits, record_fidelity, sample_dataset
 
     apply_threads(threads)
+    if real is not None:
+        check_real_fits(prior_dir, real)
     summary = sample_dataset(
         prior_dir, out, n, temperature=temperature, seed=seed, batch_size=batch_size,
         phase_fractions=phase_fractions, min_object_area=min_object_area,
         z_shape=None if z_size is None else (z_size, z_size), device=device, overwrite=overwrite,
-        progress=not no_progress, workers=parse_threads(workers), real=real, renderer=renderer_dir,
+        progress=not no_progress, workers=parse_threads(workers), renderer=renderer_dir,
     )
     h, w = summary["tile_shape"]
     click.echo(
@@ -361,11 +363,13 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
         f"z-matrices, {100 * summary['mean_changed_by_cleanup']:.2f}% of mask pixels changed by the clean-up, "
         f"{summary['sampling_seconds']:.1f} s with {summary['workers']} process(es); grid.png shows the first pairs"
     )
-    if real is not None:
-        from dualsynth.fidelity import fidelity_headline
+    if real is not None:  # the new set against the real one, as `dualsynth fidelity` measures it
+        from dualsynth.fidelity import fidelity, fidelity_headline
 
-        click.echo(fidelity_headline({"headline": summary["fidelity"]}))
-        click.echo(f"wrote fidelity.json, fidelity.md and fidelity.png to {Path(out) / 'fidelity'}")
+        report = fidelity(real, out, Path(out) / FIDELITY_DIR, seed=seed, device=device)
+        record_fidelity(out, real, report)
+        click.echo(fidelity_headline(report))
+        click.echo(f"wrote fidelity.json, fidelity.md and fidelity.png to {Path(out) / FIDELITY_DIR}")
 
 
 @cli.command("inspect", context_settings=CONTEXT)

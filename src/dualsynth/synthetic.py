@@ -129,7 +129,6 @@ def sample_dataset(
     progress: bool = True,
     grid_pairs: int = 8,
     workers: int | None = None,
-    real: str | Path | None = None,
     renderer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Sample `n` z-matrices from a trained prior, decode them with its VQ-VAE and write a dataset folder.
@@ -140,11 +139,8 @@ def sample_dataset(
     pairs of the first samples in grid.png (paper Figs. 10-11) and a summary in sample.json.
     `phase_fractions` ("f0,f1,...") needs a prior trained with phase-fraction conditioning. Sample i depends on
     (`seed`, i) only, not on `batch_size` or `workers` (processes sampling side by side on a CPU; None: one per
-    free core). With `real` (a real dataset folder), the new set is measured against it afterwards
-    (`dualsynth.fidelity`, seeded by `seed`): OUT/fidelity/fidelity.{json,md,png}, and the headline numbers in
-    the summary (`fidelity`) and sample.json. `renderer` (a `train-renderer` run): the clean masks are rendered
-    into micrographs by it (`dualsynth.models.renderer.render`, noise from (`seed`, i)) instead of taking the
-    VQ-VAE's micrograph channels.
+    free core). `renderer` (a `train-renderer` run): the clean masks are rendered into micrographs by it
+    (`dualsynth.models.renderer.render`, noise from (`seed`, i)) instead of taking the VQ-VAE's micrograph channels.
     """
     from dualsynth.config import resolve_device
     from dualsynth.data import DatasetFolder, DatasetWriter, default_classes, split_joint
@@ -167,11 +163,6 @@ def sample_dataset(
     fractions = parse_phase_fractions(phase_fractions, trained.num_classes)
     vqvae = load_vqvae(trained.vqvae_dir, dev)
     vc = vqvae.config
-    if real is not None:  # checked before sampling, so a wrong --real costs nothing
-        real_folder = DatasetFolder(real)
-        if (real_folder.num_classes, real_folder.image_channels) != (vc.num_classes, vc.image_channels):
-            raise InputError(real, f"has {real_folder.num_classes} classes and {real_folder.image_channels} image "
-                             f"channel(s); the generator makes {vc.num_classes} and {vc.image_channels}")
     shape = tuple(int(s) for s in (z_shape or trained.z_shape))
     data_folder = DatasetFolder(trained.data_dir) if trained.data_dir and Path(trained.data_dir).is_dir() else None
     classes = data_folder.classes if data_folder is not None else default_classes(vc.num_classes)
@@ -241,13 +232,30 @@ def sample_dataset(
             "renderer": None if renderer is None else str(Path(renderer).resolve()),
         }
         write_json(writer.tmp / SUMMARY_FILE, summary)
-    if real is not None:
-        from dualsynth.fidelity import fidelity
-
-        report = fidelity(real, out_dir, Path(out_dir) / FIDELITY_DIR, seed=seed, device=str(dev))
-        summary["fidelity"] = {"real": str(real), **report["headline"]}
-        write_json(Path(out_dir) / SUMMARY_FILE, summary)
     return summary
+
+
+def check_real_fits(prior_dir: str | Path, real: str | Path) -> None:
+    """Refuse a real dataset folder whose classes or image channels differ from what the prior's generator makes
+    (`sample --real` checks this before sampling, so a wrong folder costs nothing)."""
+    from dualsynth.data import DatasetFolder
+    from dualsynth.models.vqvae import load_vqvae
+    from dualsynth.training.prior import load_prior
+
+    vc = load_vqvae(load_prior(prior_dir, "cpu").vqvae_dir, "cpu").config
+    folder = DatasetFolder(real)
+    if (folder.num_classes, folder.image_channels) != (vc.num_classes, vc.image_channels):
+        raise InputError(real, f"has {folder.num_classes} classes and {folder.image_channels} image channel(s); "
+                         f"the generator makes {vc.num_classes} and {vc.image_channels}")
+
+
+def record_fidelity(out_dir: str | Path, real: str | Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Add the headline numbers of a fidelity report of the set in `out_dir` to its sample.json; return them."""
+    path = Path(out_dir) / SUMMARY_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary["fidelity"] = {"real": str(real), **report["headline"]}
+    write_json(path, summary)
+    return summary["fidelity"]
 
 
 @contextlib.contextmanager
