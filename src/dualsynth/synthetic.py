@@ -281,23 +281,31 @@ def distinct_count(codes: np.ndarray) -> int:
 
 def draw_pairs(path: Path, pairs: list, classes) -> None:
     """Paper Figs. 10-11: per row a synthetic micrograph, its raw decoded mask and the cleaned mask."""
-    if not pairs:
+    from dualsynth.data import colorize_mask
+
+    rows = [(image, raw[..., None] / 65535.0, colorize_mask(clean, classes)) for image, raw, clean in pairs]
+    draw_rows(path, rows, ("synthetic micrograph", "raw decoded mask", "clean mask"))
+
+
+def draw_rows(path: Path, rows: list, titles: Sequence[str]) -> None:
+    """A grid of panels, one row per item: float images (H, W, C) in [0, 1] in grey or colour, or uint8 RGB."""
+    if not rows:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dualsynth.data import colorize_mask
-
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(7.5, 2.5 * len(pairs)), squeeze=False)
-    for row, (image, raw, clean) in zip(axes, pairs):
-        row[0].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-        row[1].imshow(raw, cmap="gray", vmin=0, vmax=65535)
-        row[2].imshow(colorize_mask(clean, classes))
-        for ax in row:
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.5 * len(titles), 2.5 * len(rows)), squeeze=False)
+    for row, panels in zip(axes, rows):
+        for ax, panel in zip(row, panels):
+            panel = np.asarray(panel)
+            if panel.dtype == np.uint8:
+                ax.imshow(panel)
+            else:
+                ax.imshow(panel[..., 0] if panel.shape[-1] == 1 else panel, cmap="gray", vmin=0, vmax=1)
             ax.axis("off")
-    for ax, title in zip(axes[0], ("synthetic micrograph", "raw decoded mask", "clean mask")):
+    for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     save_figure(path, fig)
@@ -444,7 +452,7 @@ def render_dataset(
     OUT/render.json.
     """
     from dualsynth.config import resolve_device
-    from dualsynth.data import DatasetFolder, DatasetWriter
+    from dualsynth.data import DatasetFolder, DatasetWriter, colorize_mask
 
     dev = resolve_device(device)
     folder = DatasetFolder(data_dir)
@@ -470,10 +478,10 @@ def render_dataset(
             writer.add(Path(rec.file).stem, image, mask, split=rec.split, source=rec.source, tile_y=rec.tile_y,
                        tile_x=rec.tile_x, origin="synthetic", quality=rec.quality, extra={"cropped": int(was_cropped)})
             if len(grid) < grid_pairs:
-                grid.append((folder.load_image(rec)[:h, :w], image, mask))
+                grid.append((folder.load_image(rec)[:h, :w], image, colorize_mask(mask, folder.classes)))
             bar.update(1)
         bar.close()
-        draw_renderings(writer.tmp / GRID_FILE, grid, folder.classes)
+        draw_rows(writer.tmp / GRID_FILE, grid, ("real micrograph", "rendered micrograph", "mask"))
         summary = {
             "renderer": str(Path(renderer_dir).resolve()),
             "data": str(Path(data_dir).resolve()),
@@ -487,27 +495,3 @@ def render_dataset(
         }
         write_json(writer.tmp / RENDER_SUMMARY, summary)
     return summary
-
-
-def draw_renderings(path: Path, rows: list, classes) -> None:
-    """Per row: the real micrograph, the renderer's micrograph for its mask, and the mask."""
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dualsynth.data import colorize_mask
-
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
-    for row, (real, rendered, mask) in zip(axes, rows):
-        for ax, image in zip(row, (real, rendered)):
-            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-        row[2].imshow(colorize_mask(mask, classes))
-        for ax in row:
-            ax.axis("off")
-    for ax, title in zip(axes[0], ("real micrograph", "rendered micrograph", "mask")):
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(path, fig)
