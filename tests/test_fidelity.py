@@ -235,3 +235,25 @@ def test_module_contract_fidelity_imports_only_its_left_and_only_modules_to_its_
                  if p.name != "fidelity.py" and "dualsynth.fidelity" in p.read_text()]
     # to its right: the study (each budget's synthetic set is measured, the report shows it) and the CLI
     assert "cli.py" in importers and all(p == "cli.py" or p.startswith("study/") for p in importers), importers
+
+
+def test_featureless_tiles_are_not_near_copies_but_shifted_copies_in_brightness_are():
+    """Distances compare standardised crops: a flat grey tile with faint noise (raw RMS distance to every real
+    tile below the real-to-real distances) is no near-copy; a train tile made brighter and of lower contrast is."""
+    from dualsynth.fidelity import memorisation_report
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+
+    def tile(i):  # structured tiles of varied contrast: blobs at random places on a mid-grey background
+        cy, cx = rng.uniform(4, 28, (2, 3))
+        img = 0.5 + rng.uniform(0.05, 0.3) * sum(np.exp(-((yy - a) ** 2 + (xx - b) ** 2) / 6.0) for a, b in zip(cy, cx))
+        return (img + rng.normal(0, 0.01, img.shape)).ravel()
+    train, held = np.array([tile(i) for i in range(40)]), np.array([tile(i) for i in range(20)])
+    flat = train.mean() + rng.normal(0, 0.005, (10, 32 * 32))
+    raw_flat = np.sqrt(((flat[:, None] - train[None]) ** 2).mean(-1)).min(1)
+    raw_real = np.sqrt(((held[:, None] - train[None]) ** 2).mean(-1)).min(1)
+    assert raw_flat.max() < np.percentile(raw_real, 1)  # on raw pixels every flat tile would be a "copy"
+    assert memorisation_report(train, held, flat)["near_copy_fraction"] == 0
+    shifted = 0.2 + 0.6 * train[:10]
+    assert memorisation_report(train, held, shifted)["near_copy_fraction"] == 1

@@ -25,7 +25,8 @@ Compares a synthetic dataset folder with a real one, measure by measure, real ag
   default `texture_features` (no downloaded weights): intensity quantiles, the log power in frequency bands
   and gradient-magnitude quantiles at two scales, each standardised by the real tiles' mean and std.
 - ``memorisation``: for each synthetic tile, the RMS distance of its micrograph to the nearest real train
-  tile, against the real-to-real nearest-neighbour distances (each real held-out tile to the train tiles,
+  tile (both standardised to zero mean and unit std, so that a featureless grey tile is not "near" every
+  real tile), against the real-to-real nearest-neighbour distances (each real held-out tile to the train tiles,
   or, without held-out tiles, each train tile to the other train tiles). A synthetic tile nearer than the
   1st percentile of the real-to-real distances is a near-copy. Only exact-position copies are caught (a
   shifted or flipped copy is not).
@@ -403,11 +404,23 @@ def nearest_distances(queries: np.ndarray, references: np.ndarray, exclude_self:
     return np.sqrt(np.maximum(out, 0) / queries.shape[1])
 
 
+def standardise_rows(rows: np.ndarray) -> np.ndarray:
+    """Each row (a flattened crop) at zero mean and unit standard deviation: distances then compare structure,
+    not brightness, and a featureless tile (flat grey, or flat grey with noise) is far from every real tile
+    instead of near all of them (on raw pixels a flat tile at the mean grey is nearer every real tile than real
+    tiles are to each other, and would count as a near-copy)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    return centred / np.maximum(centred.std(axis=1, keepdims=True), 1e-6)
+
+
 def memorisation_report(train: np.ndarray, held_out: np.ndarray | None, synthetic: np.ndarray) -> dict[str, Any]:
     """Rows: flattened micrograph crops. Near-copies: synthetic tiles nearer to a train tile than the
-    `NEAR_COPY_PERCENTILE` percentile of the real-to-real nearest distances."""
+    `NEAR_COPY_PERCENTILE` percentile of the real-to-real nearest distances (rows standardised first)."""
     if len(train) < 1 or ((held_out is None or not len(held_out)) and len(train) < 2):
         return {"near_copy_fraction": None, "note": "needs a real train split (and held-out tiles or 2+ train tiles)"}
+    train, synthetic = standardise_rows(train), standardise_rows(synthetic)
+    held_out = None if held_out is None else standardise_rows(held_out)
     if held_out is not None and len(held_out):
         ref = nearest_distances(held_out, train)
         reference = "each real held-out tile to its nearest real train tile"
@@ -421,7 +434,8 @@ def memorisation_report(train: np.ndarray, held_out: np.ndarray | None, syntheti
             "reference_distances": int(len(ref)),
             "note": "with few reference distances the percentile is close to their minimum, so a fresh draw of the "
                     "real distribution is flagged at about 1/(reference_distances + 1) of its tiles",
-            "distance": "RMS difference of the micrographs (all channels, [0, 1]) on the common centred crop",
+            "distance": "RMS difference of the micrographs (all channels) on the common centred crop, each crop "
+                        "standardised to zero mean and unit standard deviation",
             "synthetic_nearest": {"median": float(np.median(syn)), "min": float(syn.min()), "values": syn.tolist()},
             "real_nearest": {"median": float(np.median(ref)), "min": float(ref.min()), "values": ref.tolist()},
             "train_tiles": int(len(train))}
