@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dualsynth demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 # tests on the real datasets in ../shared and long trainings
 test-slow: $(STAMP)
