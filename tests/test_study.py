@@ -75,12 +75,18 @@ def test_tiny_study_end_to_end_and_restart(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "## Best model per metric" in report and "![Missing Class IoU](fig17_missing_class_iou.png)" in report
     assert "HQ [50 %]" in report and "HQ [0 %]" in report
+    # the synthetic set's fidelity against the base, measured once, its headline in the report
+    fid = json.loads((out / "fidelity" / "synthetic" / "fidelity.json").read_text())
+    assert fid["headline"]["high_frequency_power_ratio"] > 0
+    assert "## Fidelity of each synthetic set" in report and "- `synthetic`: fidelity: HF power ratio" in report
+    fid_stamp = (out / "fidelity" / "synthetic" / "fidelity.json").stat().st_mtime_ns
 
     stamp = (out / "runs" / "HQ-000pct-seed0" / "checkpoints" / "best.pt").stat().st_mtime_ns
     code, stdout, err = run_cli(["study", "--config", path, "--out", out], capsys)
     assert code == 0, err
     assert "2 already finished, 0 to do" in err and "(2 already finished, 0 trained now)" in stdout
     assert (out / "runs" / "HQ-000pct-seed0" / "checkpoints" / "best.pt").stat().st_mtime_ns == stamp
+    assert (out / "fidelity" / "synthetic" / "fidelity.json").stat().st_mtime_ns == fid_stamp
 
 
 def test_restart_continues_an_unfinished_run(tmp_path):

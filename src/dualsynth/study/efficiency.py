@@ -14,7 +14,6 @@ generator's ``fidelity/fidelity.json``, the two compared models' checkpoints) an
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,13 +269,13 @@ def draw_comparison(path: Path, config: StudyConfig, ev: Evidence, a: Run, b: Ru
 
 
 def _fidelity_lines(config: StudyConfig, out: Path) -> list[str]:
-    from dualsynth.fidelity import fidelity_headline
+    from dualsynth.study.report import fidelity_line
 
     lines = []
     for b in plan_budgets(config, out):
         path = Path(b.generator) / "fidelity" / "fidelity.json"
         if b.sample_count and path.is_file():
-            head = "; ".join(" ".join(line.split()) for line in fidelity_headline(json.loads(path.read_text())).splitlines())
+            head = fidelity_line(path)
             lines.append(f"- `{b.name}` ({b.images} images, {b.sample_count} pairs sampled): {head}")
     return lines
 

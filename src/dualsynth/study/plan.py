@@ -197,6 +197,11 @@ def run_dir(out: str | Path, name: str) -> Path:
     return Path(out) / "runs" / name
 
 
+def fidelity_dir(out: str | Path, synthetic_set: str) -> Path:
+    """Where a fixed-set study keeps `dualsynth fidelity` of one of its given synthetic sets."""
+    return Path(out) / "fidelity" / synthetic_set
+
+
 def is_finished(out: str | Path, name: str) -> bool:
     return (run_dir(out, name) / EVALUATION / "summary.json").is_file()
 

@@ -9,6 +9,7 @@ seed spread). It only reads the study folder, so it can be run again at any time
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from dualsynth.data import DatasetFolder
 from dualsynth.errors import InputError
 from dualsynth.io import save_figure, write_csv, write_text
 from dualsynth.study.config import StudyConfig
-from dualsynth.study.plan import EVALUATION, is_finished, plan_runs, run_dir
+from dualsynth.study.plan import EVALUATION, fidelity_dir, is_finished, plan_runs, run_dir
 
 METRICS = {"pixel_accuracy": "accuracy", "miou": "mIoU", "missing_class_iou": "Missing Class IoU"}
 FIGURES = {"pixel_accuracy": "fig15_accuracy.png", "miou": "fig16_miou.png", "missing_class_iou": "fig17_missing_class_iou.png"}
@@ -122,8 +123,29 @@ def write_study_outputs(config: StudyConfig, out: str | Path) -> dict[str, Path]
         if class_names:
             paths["per_class"] = out / PER_CLASS_FIGURE
             draw_per_class_figure(paths["per_class"], rows, class_names, reference_tiles)
-    write_text(paths["report"], study_report(config, rows, class_names, paths))
+    write_text(paths["report"], study_report(config, rows, class_names, paths) + fidelity_section(config, out))
     return paths
+
+
+def fidelity_line(path: Path) -> str:
+    """The headline of a fidelity.json (`dualsynth.fidelity.fidelity_headline`) on one line."""
+    from dualsynth.fidelity import fidelity_headline
+
+    return "; ".join(" ".join(line.split()) for line in fidelity_headline(json.loads(path.read_text())).splitlines())
+
+
+def fidelity_section(config: StudyConfig, out: Path) -> str:
+    """The fidelity headline of each given synthetic set (STUDY/fidelity/NAME/), next to the results above."""
+    lines = []
+    for name in config.synthetic:
+        path = fidelity_dir(out, name) / "fidelity.json"
+        if path.is_file():
+            lines.append(f"- `{name}`: {fidelity_line(path)} (`fidelity/{name}/fidelity.md`)")
+    if not lines:
+        return ""
+    return "\n".join(["", "## Fidelity of each synthetic set", "",
+                      f"`dualsynth fidelity` of each synthetic set against the real tiles of base '{config.val_base}', "
+                      "to compare with how much the set helped above:", ""] + lines) + "\n"
 
 
 def rebuild_report(config: StudyConfig, out: str | Path) -> dict[str, Path]:

@@ -22,6 +22,7 @@ from dualsynth.study.config import StudyConfig, nested_overrides, seg_config_dic
 from dualsynth.study.plan import (
     EVALUATION,
     StudyRun,
+    fidelity_dir,
     generator_stages,
     generator_stages_done,
     is_finished,
@@ -111,7 +112,21 @@ def run_study(
     resolve_device(config.device)
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / "study.yaml", {**config.model_dump(mode="json"), "resolved_seg_config": seg_config})
+    measure_synthetic_sets(config, out, log)
     return _train_runs(config, out, runs, seg_config, workers, backend, address, threads, progress, log)
+
+
+def measure_synthetic_sets(config: StudyConfig, out: Path, log: Callable[[str], None] = print) -> None:
+    """`dualsynth fidelity` of each given synthetic set against the base that validates synthetic-only runs,
+    into STUDY/fidelity/NAME/ (once; the report shows each set's headline next to its results)."""
+    from dualsynth.fidelity import fidelity
+
+    for name, path in config.synthetic.items():
+        target = fidelity_dir(out, name)
+        if (target / "fidelity.json").is_file():
+            continue
+        log(f"study: fidelity of synthetic set '{name}' against base '{config.val_base}'")
+        fidelity(config.bases[config.val_base], path, target, device=config.device)
 
 
 def _train_runs(config: StudyConfig, out: Path, runs: list[StudyRun], seg_config: dict[str, Any], workers: int | None,
