@@ -18,6 +18,7 @@ from dualsynth.models.renderer import (
     Renderer,
     RendererConfig,
     load_renderer,
+    lowpass,
     onehot_masks,
     render,
 )
@@ -37,13 +38,17 @@ def blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     return mask
 
 
-def write_pairs(out: Path, n: int = 8, size: int = 32, noise: float = 0.0, rgb: bool = False, seed: int = 0) -> Path:
-    """Tiles whose micrograph is a constant grey level per class (plus optional white noise); the last 2 are val."""
+def write_pairs(out: Path, n: int = 8, size: int = 32, noise: float = 0.0, rgb: bool = False, seed: int = 0,
+                flip: bool = False) -> Path:
+    """Tiles whose micrograph is a constant grey level per class (plus optional white noise); the last 2 are val.
+    `flip`: tile i uses the levels reversed (1 - LEVELS) when i is odd, so a class's brightness is ambiguous from
+    the mask alone (as in real SEM sets whose phase brightness varies from image to image)."""
     rng = np.random.default_rng(seed)
     with DatasetWriter(out, CLASSES) as writer:
         for i in range(n):
             mask = blob_mask(rng, size)
-            image = np.clip(LEVELS[mask] + rng.normal(0, noise, mask.shape), 0, 1).astype(np.float32)
+            levels = 1 - LEVELS if flip and i % 2 else LEVELS
+            image = np.clip(levels[mask] + rng.normal(0, noise, mask.shape), 0, 1).astype(np.float32)
             if rgb:
                 image = np.stack([image, 1 - image, image], axis=-1)
             writer.add(f"t{i}", image, mask, split="val" if i >= n - 2 else "train", source=f"s{i}")
@@ -88,6 +93,66 @@ def test_generator_and_discriminator_shapes(channels):
     assert [n.shape for n in gen.draw_noise(2, 32, 48)] == [(2, 1, 32 >> k, 48 >> k) for k in range(4)]
     with pytest.raises(ValueError, match="multiple of 8"):
         gen(onehot_masks(torch.zeros(1, 20, 32, dtype=torch.long), 4))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_guided_networks_take_the_low_pass_micrograph(channels):
+    config = RendererConfig(width=8, depth=2, disc_width=8, disc_layers=2, image_channels=channels, num_classes=3,
+                            guide="lowpass", guide_pool=4)
+    gen, disc = Renderer(config), PatchDiscriminator(config)
+    assert config.guide_channels == channels and gen.stem.in_channels == 3 + channels + 1
+    onehot = onehot_masks(torch.randint(0, 3, (2, 16, 24)), 3)
+    guide = lowpass(torch.rand(2, channels, 16, 24), 4)
+    image = gen(onehot, guide=guide)
+    assert image.shape == (2, channels, 16, 24)
+    scores, _ = disc(image, onehot, guide)
+    assert scores.shape == (2, 1, 4, 6)
+    # the guide changes the output: it is an input, not ignored
+    assert (gen(onehot, gen.draw_noise(2, 16, 24, torch.Generator().manual_seed(0)), guide)
+            - gen(onehot, gen.draw_noise(2, 16, 24, torch.Generator().manual_seed(0)), 1 - guide)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="needs a guide"):
+        gen(onehot)
+    with pytest.raises(ValueError, match="needs a guide"):
+        gen(onehot, guide=guide[:, :1].repeat(1, channels + 1, 1, 1))
+    with pytest.raises(ValueError, match="has no guide"):
+        Renderer(RendererConfig(width=8, depth=2, image_channels=channels, num_classes=3))(onehot, guide=guide)
+    # render: guides (H, W) or (H, W, C) micrographs, one per mask; required here, refused without a guide
+    masks = [np.zeros((16, 16), np.uint8), np.ones((16, 24), np.uint8)]
+    guides = [np.full((16, 16, channels), 0.3, np.float32), np.full((16, 24, channels), 0.7, np.float32)]
+    out = render(gen, masks, seed=1, guides=guides)
+    assert [o.shape for o in out] == [(16, 16, channels), (16, 24, channels)]
+    assert np.array_equal(render(gen, masks[1], seed=1, indices=[1], guides=guides[1])[0], out[1])
+    with pytest.raises(ValueError, match="pass guides"):
+        render(gen, masks, seed=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        render(gen, masks, seed=1, guides=guides[::-1])
+    with pytest.raises(ValueError, match="2 masks but 1 guides"):
+        render(gen, masks, seed=1, guides=guides[:1])
+    with pytest.raises(ValueError, match="without a guide"):
+        render(Renderer(RendererConfig(width=8, depth=2, image_channels=channels, num_classes=3)), masks, guides=guides)
+
+
+def test_lowpass_known_answers():
+    # constant 4x4 blocks average to themselves; bilinear upsampling leaves the block centres' plateau
+    blocks = torch.kron(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.ones(4, 4))[None, None]
+    low = lowpass(blocks, 4)
+    assert low.shape == blocks.shape and float(low.mean()) == pytest.approx(0.5, abs=1e-6)
+    assert float(low[0, 0, 0, 0]) == pytest.approx(0.0) and float(low[0, 0, 0, 7]) == pytest.approx(1.0)
+    # a checkerboard finer than the pool is erased; pool 1 keeps everything; odd sizes keep their shape
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2).float()[None, None]
+    assert torch.allclose(lowpass(checker, 4), torch.full_like(checker, 0.5))
+    assert torch.equal(lowpass(checker, 1), checker)
+    assert lowpass(torch.rand(1, 3, 10, 13), 4).shape == (1, 3, 10, 13)
+
+
+def test_configs_without_guide_keys_still_load(tmp_path):
+    """Checkpoints and config files from before `guide` existed load as guide: none."""
+    old = Renderer(RendererConfig(width=8, depth=2, image_channels=1, num_classes=3)).checkpoint()
+    for key in ("guide", "guide_pool"):
+        del old["config"][key]
+    model = Renderer.from_checkpoint(old)
+    assert model.config.guide == "none" and model.config.guide_channels == 0
+    assert RendererTrainConfig(model=dict(width=8)).model.guide == "none"
 
 
 def test_render_is_a_function_of_mask_seed_and_index_and_the_noise_matters():
@@ -137,8 +202,10 @@ def test_training_writes_the_run_and_keeps_the_best_validation_score(dataset, tm
     assert model.config.num_classes == 3 and model.config.image_channels == 1 and not model.training
 
 
-def test_resume_equals_an_uninterrupted_run(dataset, tmp_path):
-    config = tiny(steps=8, checkpoint_every=4, lr_schedule="cosine", fm_weight=1.0)
+@pytest.mark.parametrize("guide", ["none", "lowpass"])
+def test_resume_equals_an_uninterrupted_run(dataset, tmp_path, guide):
+    config = tiny(steps=8, checkpoint_every=4, lr_schedule="cosine", fm_weight=1.0,
+                  model=dict(width=8, depth=2, disc_width=8, disc_layers=2, guide=guide))
     train_renderer(dataset, tmp_path / "straight", config, device="cpu", progress=False)
     train_renderer(dataset, tmp_path / "resumed", config, device="cpu", progress=False, stop_after=5)
     train_renderer(dataset, tmp_path / "resumed", config, device="cpu", progress=False, resume=True)
@@ -173,6 +240,28 @@ def test_known_answer_constant_intensity_per_class(dataset, tmp_path):
     for k, level in enumerate(LEVELS):
         rendered = np.concatenate([im[..., 0][m == k] for im, m in zip(images, masks)])
         assert abs(float(np.median(rendered)) - level) < 0.04, (k, float(np.median(rendered)))
+
+
+def test_known_answer_guide_tells_each_tiles_brightness(tmp_path):
+    """Odd tiles have the class levels reversed: from the mask alone the brightness of classes 0 and 2 is
+    ambiguous, so the unguided renderer draws about the mean (0.5) for both; the guided one reads it from the
+    low-pass micrograph and follows each tile's levels."""
+    data = write_pairs(tmp_path / "flip", n=10, flip=True)
+    folder = DatasetFolder(data)
+    val = folder.records("val")  # t8 (levels as given) and t9 (reversed)
+    masks, images = [folder.load_mask(r) for r in val], [folder.load_image(r) for r in val]
+    medians = {}
+    for guide in ("none", "lowpass"):
+        config = tiny(steps=250, tile=32, l1_pool=1, log_every=50, val_every=250, checkpoint_every=250, lr=1e-3,
+                      lr_disc=1e-3, model=dict(width=8, depth=2, disc_width=8, disc_layers=2, guide=guide))
+        train_renderer(data, tmp_path / guide, config, device="cpu", progress=False)
+        model = load_renderer(tmp_path / guide)
+        out = render(model, masks, seed=1, guides=images if guide == "lowpass" else None)
+        medians[guide] = [[float(np.median(o[..., 0][m == k])) for k in (0, 2)] for o, m in zip(out, masks)]
+    expected = [[LEVELS[0], LEVELS[2]], [1 - LEVELS[0], 1 - LEVELS[2]]]
+    assert np.abs(np.subtract(medians["lowpass"], expected)).max() < 0.1, medians["lowpass"]
+    # unguided: both tiles get (nearly) the same levels, so at least one tile misses its own by far
+    assert np.abs(np.subtract(medians["none"], expected)).max() > 0.2, medians["none"]
 
 
 TINY_SETS = ["--set", "model.width=8", "--set", "model.depth=2", "--set", "model.disc_width=8",
@@ -228,6 +317,34 @@ def test_cli_train_renderer_resume_and_render(demo, dataset, tmp_path, capsys):
     assert code == 2 and "unknown config key 'model.K'" in err
 
 
+def test_cli_render_with_a_guided_renderer_refines_the_datasets_micrographs(demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train-renderer", "--data", demo, "--out", run, "--steps", 2, "--device", "cpu",
+                            "--threads", 1, "--no-progress", *TINY_SETS, "--set", "model.guide=lowpass"], capsys)
+    assert code == 0, err
+    model = load_renderer(run)
+    assert model.config.guide == "lowpass" and model.config.guide_pool == 4
+    code, _, err = run_cli(["render", "--renderer", run, "--data", demo, "--out", tmp_path / "r", "--seed", 3,
+                            "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    real, rendered = DatasetFolder(demo), DatasetFolder(tmp_path / "r")
+    for n, (a, b) in enumerate(zip(real.records(), rendered.records())):
+        guide = real.load_image(a)
+        expected = render(model, real.load_mask(a), seed=3, indices=[n], guides=guide)[0]
+        assert np.abs(rendered.load_image(b) - expected).max() <= 1 / 255 + 1e-6
+    # another guide gives another micrograph for the same mask, seed and index
+    assert np.abs(render(model, real.load_mask(a), seed=3, indices=[n], guides=1 - guide)[0] - expected).max() > 1e-3
+    # a guided renderer of RGB micrographs cannot refine grey ones: one line, exit code 2
+    grey = write_pairs(tmp_path / "grey", n=4)
+    rgb = write_pairs(tmp_path / "rgb", n=4, rgb=True)
+    code, _, err = run_cli(["train-renderer", "--data", rgb, "--out", tmp_path / "rgb-run", "--steps", 1, "--device",
+                            "cpu", "--no-progress", *TINY_SETS, "--set", "model.guide=lowpass"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["render", "--renderer", tmp_path / "rgb-run", "--data", grey, "--out", tmp_path / "x",
+                            "--device", "cpu"], capsys)
+    assert code == 2 and "refines 3-channel micrographs, the guides have 1" in err and err.count("\n") == 1
+
+
 def test_sample_with_a_renderer_draws_the_micrographs_for_the_clean_masks(dataset, tmp_path, capsys):
     from dualsynth.training.prior import PriorTrainConfig, train_prior
     from dualsynth.training.vqvae import VQVAETrainConfig, train_vqvae
@@ -240,6 +357,9 @@ def test_sample_with_a_renderer_draws_the_micrographs_for_the_clean_masks(datase
                                             batch_size=4, steps=5, eval_every=5, checkpoint_every=5),
                 device="cpu", progress=False)
     train_renderer(dataset, rend, tiny(steps=2), device="cpu", progress=False)
+    guided = tmp_path / "guided"
+    train_renderer(dataset, guided, tiny(steps=2, model=dict(width=8, depth=2, disc_width=8, disc_layers=2,
+                                                             guide="lowpass")), device="cpu", progress=False)
     args = ["sample", "--prior", prior, "--n", 3, "--seed", 2, "--min-object-area", 4, "--workers", 1,
             "--device", "cpu", "--no-progress"]
     code, _, err = run_cli([*args, "--out", tmp_path / "plain"], capsys)
@@ -257,6 +377,16 @@ def test_sample_with_a_renderer_draws_the_micrographs_for_the_clean_masks(datase
         changed += np.abs(rendered.load_image(b) - plain.load_image(a)).max() > 0.05
     assert changed == 3
     assert json.loads((tmp_path / "rendered/sample.json").read_text())["renderer"] == str(rend.resolve())
+    # a guided renderer refines the VQ-VAE's micrograph (without a guide `render` would raise): its output is the
+    # rendering with that micrograph as guide (saved in `plain` as 8-bit, so up to the guide's rounding)
+    code, _, err = run_cli([*args, "--out", tmp_path / "refined", "--renderer", guided], capsys)
+    assert code == 0, err
+    refined, model = DatasetFolder(tmp_path / "refined"), load_renderer(guided)
+    for i, (a, b) in enumerate(zip(plain.records(), refined.records())):
+        mask = refined.load_mask(b)
+        assert np.array_equal(plain.load_mask(a), mask)
+        expected = render(model, mask, seed=2, indices=[i], guides=plain.load_image(a))[0]
+        assert np.abs(refined.load_image(b) - expected).max() <= 1 / 255 + 1e-3
     # a missing renderer run: one line, exit code 2
     code, _, err = run_cli([*args, "--out", tmp_path / "bad", "--renderer", tmp_path / "missing"], capsys)
     assert code == 2 and "not a run folder" in err

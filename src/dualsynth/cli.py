@@ -338,7 +338,7 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--workers", default="auto", show_default=True, metavar="auto|N", help="Processes sampling side by side on a CPU, one thread each (auto: one per free core).")
 @click.option("--real", type=click.Path(), callback=existing_dir, help="Real dataset folder: afterwards measure the new set against it (dualsynth fidelity), print the headline numbers and write OUT/fidelity/.")
-@click.option("--renderer", "renderer_dir", type=click.Path(), help="train-renderer run folder: it draws the micrographs for the clean masks instead of the VQ-VAE.")
+@click.option("--renderer", "renderer_dir", type=click.Path(), help="train-renderer run folder: it draws the micrographs for the clean masks instead of the VQ-VAE (a renderer with model.guide=lowpass refines the VQ-VAE's micrographs).")
 @threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @device_option
@@ -407,7 +407,7 @@ def train_renderer_cmd(data, out, preset, config_file, overrides, steps, seed, r
 
 @cli.command("render", context_settings=CONTEXT)
 @click.option("--renderer", "renderer_dir", required=True, type=click.Path(), help="train-renderer run folder.")
-@click.option("--data", "data_dir", required=True, type=click.Path(), help="Dataset folder whose masks are rendered.")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Dataset folder whose masks are rendered (a renderer with model.guide=lowpass refines its micrographs).")
 @click.option("--out", required=True, type=click.Path(), help="Dataset folder to write (same masks, rendered micrographs, origin synthetic).")
 @click.option("--split", help="Render only this split's tiles (default: every tile).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Tile n's noise depends on (seed, n) only.")

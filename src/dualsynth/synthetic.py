@@ -167,7 +167,8 @@ def sample_dataset(
     data_folder = DatasetFolder(trained.data_dir) if trained.data_dir and Path(trained.data_dir).is_dir() else None
     classes = data_folder.classes if data_folder is not None else default_classes(vc.num_classes)
     c_img = vc.image_channels
-    rend = None if renderer is None else load_checked_renderer(renderer, vc.num_classes, [s * vc.downsample for s in shape], dev)
+    rend = None if renderer is None else load_checked_renderer(renderer, vc.num_classes, [s * vc.downsample for s in shape], dev,
+                                                                 c_img)
     batches = [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
     workers = sample_workers(dev, len(batches)) if workers is None else max(1, int(workers))
     jobs = [(str(prior_dir), idx, shape, seed, temperature, fractions, str(dev), 1 if dev.type == "cpu" else None)
@@ -187,7 +188,7 @@ def sample_dataset(
                 clean = np.asarray(clean_mask(decoded_mask[0] if vc.mask_encoding == "levels" else decoded_mask,
                                               vc.num_classes, vc.mask_encoding, min_object_area))
                 if rend is not None:
-                    image = render(rend, clean, seed, indices=[i])[0]
+                    image = render(rend, clean, seed, indices=[i], guides=image if rend.config.guide_channels else None)[0]
                 raw_png = raw_mask_png(decoded_mask, vc.num_classes, vc.mask_encoding)
                 _, raw_classes = split_joint(joint, vc.num_classes, vc.mask_encoding)
                 changed.append(float(np.mean(np.asarray(raw_classes) != clean)))
@@ -418,13 +419,18 @@ def format_inspect(report: dict[str, Any]) -> str:
 RENDER_SUMMARY = "render.json"
 
 
-def load_checked_renderer(renderer_dir: str | Path, num_classes: int, tile_shape: Sequence[int] | None, device: Any):
+def load_checked_renderer(renderer_dir: str | Path, num_classes: int, tile_shape: Sequence[int] | None, device: Any,
+                          guide_channels: int | None = None):
     """The renderer of a `train-renderer` run, checked against the masks it is to draw for: the same number of
-    classes and (when known) tile sides that are multiples of its 2**depth; InputError naming the run otherwise."""
+    classes, (when known) tile sides that are multiples of its 2**depth and, for a renderer with a guide, guide
+    micrographs of `guide_channels` channels (its image channels); InputError naming the run otherwise."""
     rend = load_renderer(renderer_dir, device)
     rc = rend.config
     if rc.num_classes != num_classes:
         raise InputError(renderer_dir, f"renderer was trained on {rc.num_classes} classes, the masks have {num_classes}")
+    if rc.guide_channels and guide_channels != rc.image_channels:
+        raise InputError(renderer_dir, f"renderer with guide: {rc.guide} refines {rc.image_channels}-channel "
+                         f"micrographs, the guides have {guide_channels}")
     if tile_shape is not None and any(int(s) % rc.multiple for s in tile_shape):
         raise InputError(renderer_dir, f"tiles of {'x'.join(map(str, tile_shape))} px are not multiples of the "
                          f"renderer's 2**depth = {rc.multiple}")
@@ -446,7 +452,8 @@ def render_dataset(
     """Re-render the micrographs of a dataset folder's masks with a trained renderer into a new dataset folder.
 
     Every tile of `split` (all tiles if None) keeps its mask, name, split, source and position; its micrograph
-    is drawn by the renderer with noise from (`seed`, tile number), and its origin becomes `synthetic`. Masks
+    is drawn by the renderer with noise from (`seed`, tile number), and its origin becomes `synthetic`. A renderer
+    with a guide (`model.guide: lowpass`) refines the folder's own micrographs (a plain `sample`, or real tiles). Masks
     whose sides are not multiples of the renderer's 2**depth are cropped at the bottom and right (the manifest
     says so in the column `cropped`, 0 or 1). Writes OUT/grid.png (real micrograph, mask, rendered micrograph) and
     OUT/render.json.
@@ -456,7 +463,7 @@ def render_dataset(
 
     dev = resolve_device(device)
     folder = DatasetFolder(data_dir)
-    rend = load_checked_renderer(renderer_dir, folder.num_classes, None, dev)
+    rend = load_checked_renderer(renderer_dir, folder.num_classes, None, dev, folder.image_channels)
     records = folder.records(split=split)
     if not records:
         raise InputError(data_dir, f"dataset has no '{split}' tiles")
@@ -474,7 +481,8 @@ def render_dataset(
             was_cropped = (h, w) != mask.shape
             cropped += was_cropped
             mask = mask[:h, :w]
-            image = render(rend, mask, seed, indices=[n])[0]
+            guide = folder.load_image(rec)[:h, :w] if rend.config.guide_channels else None
+            image = render(rend, mask, seed, indices=[n], guides=guide)[0]
             writer.add(Path(rec.file).stem, image, mask, split=rec.split, source=rec.source, tile_y=rec.tile_y,
                        tile_x=rec.tile_x, origin="synthetic", quality=rec.quality, extra={"cropped": int(was_cropped)})
             if len(grid) < grid_pairs:

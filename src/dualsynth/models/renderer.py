@@ -8,15 +8,22 @@ over the one-hot mask (Isola et al. 2017) with StyleGAN-style per-pixel noise ma
 phases. It is trained against a conditional PatchGAN discriminator (`PatchDiscriminator`, hinge loss) by
 `dualsynth.training.renderer`.
 
-Public surface: `RendererArchitecture`, `RendererConfig`, `Renderer`, `PatchDiscriminator`, and the inference
-API `load_renderer(run_dir, device)` and `render(renderer, masks, seed)` (sample i of a call draws its noise
-from (seed, i) only, so a micrograph depends on its mask, the seed and its index, not on the batch).
+With `guide: lowpass` both networks also receive a low-pass copy of the micrograph (`lowpass`: average-pooled
+by `guide_pool` and upsampled back): in training the real micrograph's, at render time the micrograph to refine
+(the VQ-VAE's decoded one, or a dataset's). In real SEM sets the brightness of a phase varies from image to
+image, so from the mask alone it is ambiguous and an unguided renderer draws the mean; the guide carries each
+tile's brightness and phase contrast, and the renderer adds the texture.
+
+Public surface: `RendererArchitecture`, `RendererConfig`, `Renderer`, `PatchDiscriminator`, `lowpass`, and the
+inference API `load_renderer(run_dir, device)` and `render(renderer, masks, seed, guides=...)` (sample i of a
+call draws its noise from (seed, i) only, so a micrograph depends on its mask, guide, the seed and its index,
+not on the batch).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +46,12 @@ class RendererArchitecture(StrictModel):
     noise_init: float = Field(0.1, ge=0, description="initial strength of each injected noise map (learned per channel)")
     disc_width: int = Field(32, ge=4, description="channels of the discriminator's first layer; doubled per layer, capped at 4x")
     disc_layers: int = Field(3, ge=1, le=5, description="stride-2 layers of the PatchGAN discriminator (receptive field 16 px at 2, 34 at 3)")
+    guide: Literal["none", "lowpass"] = Field(
+        "none", description="none: the mask alone; lowpass: generator and discriminator also see a low-pass copy of "
+        "the micrograph (average-pooled by guide_pool, upsampled bilinearly), so the renderer refines the texture of "
+        "a coarse micrograph (the VQ-VAE's) instead of guessing each phase's brightness from the mask"
+    )
+    guide_pool: int = Field(4, ge=1, description="average-pooling factor of the low-pass guide (4: the VQ-VAE's downsampling)")
 
 
 class RendererConfig(RendererArchitecture):
@@ -48,9 +61,23 @@ class RendererConfig(RendererArchitecture):
     num_classes: int = Field(2, ge=2, description="mask classes, background included")
 
     @property
+    def guide_channels(self) -> int:
+        """Input channels the guide adds to the generator and the discriminator (0 without a guide)."""
+        return self.image_channels if self.guide != "none" else 0
+
+    @property
     def multiple(self) -> int:
         """Tile sides must be multiples of this."""
         return 2**self.depth
+
+
+def lowpass(images: torch.Tensor, pool: int) -> torch.Tensor:
+    """The low-pass guide of micrographs (B, C, H, W): average-pooled by `pool` (partial windows at the bottom
+    and right edges average what they cover) and upsampled back to (H, W) bilinearly."""
+    if pool <= 1:
+        return images
+    small = F.avg_pool2d(images, pool, ceil_mode=True)
+    return F.interpolate(small, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
 
 
 def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv2d:
@@ -83,7 +110,7 @@ class Renderer(nn.Module):
         self.config = c = config
         widths = [min(c.width * 2**i, 4 * c.width) for i in range(c.depth + 1)]
         self.widths = widths
-        self.stem = _conv(c.num_classes + (1 if c.noise else 0), widths[0])
+        self.stem = _conv(c.num_classes + c.guide_channels + (1 if c.noise else 0), widths[0])
         self.enc = nn.ModuleList(nn.Sequential(_conv(widths[i], widths[i]), nn.LeakyReLU(0.2),
                                                _conv(widths[i], widths[i]), nn.LeakyReLU(0.2))
                                  for i in range(c.depth))
@@ -106,11 +133,14 @@ class Renderer(nn.Module):
         """Standard normal noise maps (on the CPU, from `generator` or torch's global one)."""
         return [torch.randn(s, generator=generator) for s in self.noise_shapes(batch, height, width)]
 
-    def forward(self, onehot: torch.Tensor, noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, onehot: torch.Tensor, noise: Sequence[torch.Tensor] | None = None,
+                guide: torch.Tensor | None = None) -> torch.Tensor:
+        """`guide`: the low-pass micrographs (B, C_img, H, W) (`lowpass`), required with `guide: lowpass`."""
         c = self.config
         b, _, h, w = onehot.shape
         if h % c.multiple or w % c.multiple:
             raise ValueError(f"tile {h}x{w} is not a multiple of {c.multiple} (2**depth)")
+        onehot = _with_guide(onehot, guide, c)
         if c.noise and noise is None:
             noise = self.draw_noise(b, h, w)
         noise = [n.to(onehot.device) for n in noise] if c.noise else [None] * (c.depth + 1)
@@ -141,6 +171,19 @@ class Renderer(nn.Module):
         return model
 
 
+def _with_guide(onehot: torch.Tensor, guide: torch.Tensor | None, c: RendererConfig) -> torch.Tensor:
+    """The conditioning input: the one-hot mask, then the guide's channels when the config has a guide."""
+    if not c.guide_channels:
+        if guide is not None:
+            raise ValueError("this renderer has no guide (guide: none), but a guide was given")
+        return onehot
+    expected = (onehot.shape[0], c.guide_channels, *onehot.shape[-2:])
+    if guide is None or tuple(guide.shape) != expected:
+        got = "none" if guide is None else tuple(guide.shape)
+        raise ValueError(f"renderer with guide: {c.guide} needs a guide of shape {expected}, got {got}")
+    return torch.cat([onehot, guide.to(device=onehot.device, dtype=onehot.dtype)], dim=1)
+
+
 class PatchDiscriminator(nn.Module):
     """Conditional PatchGAN (pix2pix): micrograph and one-hot mask in, a map of real/fake scores out.
 
@@ -154,7 +197,8 @@ class PatchDiscriminator(nn.Module):
         c = config
         sn = nn.utils.parametrizations.spectral_norm
         widths = [min(c.disc_width * 2**i, 4 * c.disc_width) for i in range(c.disc_layers + 1)]
-        cin = c.image_channels + c.num_classes
+        self.config = c
+        cin = c.image_channels + c.num_classes + c.guide_channels
         layers = []
         for i in range(c.disc_layers):
             layers.append(sn(nn.Conv2d(cin, widths[i], 4, 2, 1)))
@@ -163,8 +207,9 @@ class PatchDiscriminator(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.out = sn(nn.Conv2d(widths[-1], 1, 3, 1, 1))
 
-    def forward(self, image: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = torch.cat([image, onehot.to(image.dtype)], dim=1)
+    def forward(self, image: torch.Tensor, onehot: torch.Tensor,
+                guide: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = torch.cat([image, _with_guide(onehot, guide, self.config).to(image.dtype)], dim=1)
         features = []
         for layer in self.layers:
             x = F.leaky_relu(layer(x), 0.2)
@@ -195,18 +240,24 @@ def noise_generator(seed: int, index: int) -> torch.Generator:
 
 
 def render(renderer: Renderer, masks: np.ndarray | torch.Tensor | Sequence[np.ndarray], seed: int = 0,
-           indices: Sequence[int] | None = None, batch_size: int = 16) -> list[np.ndarray]:
+           indices: Sequence[int] | None = None, guides: np.ndarray | Sequence[np.ndarray] | None = None,
+           batch_size: int = 16) -> list[np.ndarray]:
     """Micrographs for class masks: [(H, W, C_img) float32 in [0, 1]], one per mask.
 
     `masks`: one (H, W) mask, a stack (N, H, W) or a list of masks (sizes may differ; each side must be a
     multiple of 2**depth). Mask n draws its noise from (seed, indices[n]) only (default index n), so the same
     mask, seed and index give the same micrograph whatever the batch. Masks with values outside
     0..num_classes-1 raise ValueError.
+    `guides` (required by a renderer with a guide, refused by one without): the micrographs to refine, one per
+    mask, (H, W) or (H, W, C_img) in [0, 1] (a single one with a single mask); they are low-passed here
+    (`lowpass` by `guide_pool`), as in training.
     """
     c = renderer.config
-    if isinstance(masks, (np.ndarray, torch.Tensor)) and np.ndim(masks) == 2:
+    single = isinstance(masks, (np.ndarray, torch.Tensor)) and np.ndim(masks) == 2
+    if single:
         masks = [masks]
     masks = [torch.as_tensor(np.asarray(m)).long() for m in masks]
+    guide_list = _guide_tensors(c, masks, guides, single)
     indices = list(range(len(masks))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(masks):
         raise ValueError(f"{len(masks)} masks but {len(indices)} indices")
@@ -229,9 +280,35 @@ def render(renderer: Renderer, masks: np.ndarray | torch.Tensor | Sequence[np.nd
                     noises = [renderer.draw_noise(1, h, w, noise_generator(seed, indices[n])) for n in chunk]
                     noise = [torch.cat(level) for level in zip(*noises)]
                     onehot = onehot_masks(torch.stack([masks[n] for n in chunk]), c.num_classes).to(device)
-                    images = renderer(onehot, noise).float().clamp(0, 1).cpu().numpy()
+                    guide = None
+                    if guide_list is not None:
+                        guide = lowpass(torch.stack([guide_list[n] for n in chunk]).to(device), c.guide_pool)
+                    images = renderer(onehot, noise, guide).float().clamp(0, 1).cpu().numpy()
                     for n, image in zip(chunk, images):
                         out[n] = np.moveaxis(image, 0, -1)
     finally:
         renderer.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def _guide_tensors(c: RendererConfig, masks: list[torch.Tensor], guides, single: bool) -> list[torch.Tensor] | None:
+    """`render`'s guides as float (C_img, H, W) tensors, checked against the config and the masks."""
+    if not c.guide_channels:
+        if guides is not None:
+            raise ValueError("this renderer was trained without a guide (guide: none); do not pass guides")
+        return None
+    if guides is None:
+        raise ValueError(f"this renderer was trained with guide: {c.guide}; pass guides (the micrographs to refine)")
+    if isinstance(guides, (np.ndarray, torch.Tensor)) and (np.ndim(guides) == 2 or (single and np.ndim(guides) == 3)):
+        guides = [guides]
+    guides = [np.asarray(g, dtype=np.float32) for g in guides]
+    if len(guides) != len(masks):
+        raise ValueError(f"{len(masks)} masks but {len(guides)} guides")
+    out = []
+    for g, m in zip(guides, masks):
+        g = g[..., None] if g.ndim == 2 else g
+        if g.shape != (*m.shape, c.image_channels):
+            raise ValueError(f"guide of shape {g.shape} does not fit a {tuple(m.shape)} mask and "
+                             f"{c.image_channels} image channel(s)")
+        out.append(torch.from_numpy(np.moveaxis(g, -1, 0).copy()))
+    return out

@@ -11,6 +11,10 @@ as random crops, against a conditional PatchGAN discriminator:
   noise and texture to the discriminator (a pixel-wise L1 rewards the mean and so the blur this stage exists
   to remove; `l1_pool: 1` gives it back).
 
+With `model.guide: lowpass` the generator and the discriminator also get `lowpass(real, model.guide_pool)`,
+the real crop average-pooled and upsampled back (what a VQ-VAE reconstruction knows of it), and validation
+renders with the real validation micrographs as guides.
+
 Validation (`val_every` steps) renders the validation tiles' masks with fixed noise and scores the result:
 `val_l1` (pooled L1 to the real micrographs) + `val_hf_weight` x |log2(high-pass energy ratio)|, where the
 ratio is the rendered over the real tiles' energy of image minus its 3x3 box blur (1: same fine texture, blur
@@ -43,6 +47,7 @@ from dualsynth.models.renderer import (
     RendererArchitecture,
     RendererConfig,
     load_renderer,
+    lowpass,
     onehot_masks,
     render,
 )
@@ -85,7 +90,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # quick: a few minutes on one core of a 2-core CPU (README: measured on the demo data). At 64 px crops the
     # full-resolution convolutions dominate the cost: width 16 and batch 4 take a third of width 24 and batch 8.
     "quick": {
-        "model": {"width": 16, "depth": 3, "noise": True, "disc_width": 16, "disc_layers": 3},
+        "model": {"width": 16, "depth": 3, "noise": True, "disc_width": 16, "disc_layers": 3, "guide": "none",
+                  "guide_pool": 4},
         "tile": 64,
         "batch_size": 4,
         "steps": 2000,
@@ -129,6 +135,14 @@ def high_pass_energy(images: torch.Tensor) -> float:
     return float(((images - blurred) ** 2).mean())
 
 
+def guide_of(model: Renderer, image: np.ndarray | torch.Tensor) -> np.ndarray | None:
+    """What `render` takes as the guide of a real micrograph ((C, H, W) tensor or (H, W, C) array): the
+    micrograph itself as (H, W, C) when the renderer has a guide, else None."""
+    if not model.config.guide_channels:
+        return None
+    return np.moveaxis(image.numpy(), 0, -1) if isinstance(image, torch.Tensor) else image
+
+
 def validation_scores(model: Renderer, pairs: Sequence[torch.Tensor], config: RendererTrainConfig) -> dict[str, float]:
     """Render the masks of `pairs` with noise seed `config.seed` and score them against the real micrographs:
     val_l1 (pooled L1), val_hf_ratio (high-pass energy, rendered / real) and val_score (the best.pt rule)."""
@@ -136,7 +150,8 @@ def validation_scores(model: Renderer, pairs: Sequence[torch.Tensor], config: Re
     for n, pair in enumerate(pairs):
         real = pair[:-1][None]
         mask = pair[-1].round().long()
-        fake = torch.from_numpy(np.moveaxis(render(model, mask, config.seed, indices=[n])[0], -1, 0))[None]
+        fake = torch.from_numpy(np.moveaxis(render(model, mask, config.seed, indices=[n],
+                                                   guides=guide_of(model, real[0]))[0], -1, 0))[None]
         l1 += float(F.l1_loss(F.avg_pool2d(fake, config.l1_pool), F.avg_pool2d(real, config.l1_pool)))
         real_energy += high_pass_energy(real)
         fake_energy += high_pass_energy(fake)
@@ -214,15 +229,16 @@ def train_renderer(
         real, onehot = split_pairs(joint_batch(train_pairs, idx, config.tile, config.augment, config.seed, step), folder.num_classes)
         real, onehot = real.to(dev), onehot.to(dev)
         noise = generator.draw_noise(real.shape[0], *real.shape[-2:])  # torch's global stream, seeded per step
+        guide = lowpass(real, model_config.guide_pool) if model_config.guide_channels else None
         for name, lr in (("main", config.lr), ("disc", config.lr_disc)):
             engine.set_lr(scheduled_lr(lr, config.lr_schedule, step, config.steps), name)
         values: dict[str, float] = {}
         with engine.autocast():
-            fake = generator(onehot, noise)
+            fake = generator(onehot, noise, guide)
         if config.adv_weight > 0:
             with engine.autocast():
-                real_score, real_features = disc(real, onehot)
-                fake_score, _ = disc(fake.detach(), onehot)
+                real_score, real_features = disc(real, onehot, guide)
+                fake_score, _ = disc(fake.detach(), onehot, guide)
             d_loss = F.relu(1 - real_score.float()).mean() + F.relu(1 + fake_score.float()).mean()
             engine.optimize(d_loss, "disc")
             values.update(d_loss=d_loss.item(), d_real=real_score.float().mean().item(),
@@ -232,7 +248,7 @@ def train_renderer(
         if config.adv_weight > 0:
             disc.requires_grad_(False)
             with engine.autocast():
-                score, features = disc(fake, onehot)
+                score, features = disc(fake, onehot, guide)
             disc.requires_grad_(True)
             adv = -score.float().mean()
             loss = loss + config.adv_weight * adv
@@ -284,7 +300,7 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 def draw_monitor_figure(path: Path, model: Renderer, folder: DatasetFolder, records: Sequence[Any], seed: int,
                         title: str = "") -> None:
     """monitor.png: per validation tile (at most 256 px) the real micrograph, its mask, and two renderings of
-    that mask with different noise (seed and seed + 1)."""
+    that mask with different noise (seed and seed + 1); a guided renderer refines the real micrograph."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +313,7 @@ def draw_monitor_figure(path: Path, model: Renderer, folder: DatasetFolder, reco
         mask = folder.load_mask(rec)[:256, :256]
         h, w = mask.shape[0] // m * m, mask.shape[1] // m * m
         image, mask = image[:h, :w], mask[:h, :w]
-        rendered = [render(model, mask, s, indices=[n])[0] for s in (seed, seed + 1)]
+        rendered = [render(model, mask, s, indices=[n], guides=guide_of(model, image))[0] for s in (seed, seed + 1)]
         rows.append((rec.file, image, mask, rendered))
     if not rows:
         return
