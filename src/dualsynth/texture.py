@@ -118,7 +118,7 @@ def _crop(array: np.ndarray, side: int) -> np.ndarray:
 
 def spectrum_2d(field2d: np.ndarray) -> np.ndarray:
     """2-D power spectrum (unshifted) of a square field: mean removed, Hann window, |FFT|^2 / sum(window^2)
-    (white noise of variance s^2: s^2 everywhere, as `dualsynth.fidelity.power_spectrum`)."""
+    (white noise of variance s^2: s^2 everywhere, the normalisation of the fidelity report's `power_spectrum`)."""
     side = field2d.shape[0]
     window = np.outer(np.hanning(side), np.hanning(side))
     return np.abs(np.fft.fft2((field2d - field2d.mean()) * window)) ** 2 / (window**2).sum()
