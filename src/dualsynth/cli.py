@@ -339,11 +339,14 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
 @click.option("--workers", default="auto", show_default=True, metavar="auto|N", help="Processes sampling side by side on a CPU, one thread each (auto: one per free core).")
 @click.option("--real", type=click.Path(), callback=existing_dir, help="Real dataset folder: afterwards measure the new set against it (dualsynth fidelity), print the headline numbers and write OUT/fidelity/.")
 @click.option("--renderer", "renderer_dir", type=click.Path(), help="train-renderer run folder: it draws the micrographs for the clean masks instead of the VQ-VAE (a renderer with model.guide=lowpass refines the VQ-VAE's micrographs).")
+@click.option("--texture", "texture_real", type=click.Path(), help="Real dataset folder: fit the texture stage on its train split (OUT/texture.npz) and add fitted fine texture to every micrograph (dualsynth texture; not in the paper).")
+@click.option("--texture-pool", type=click.IntRange(min=2), help="Texture stage: lowpass average-pool size (default: the VQ-VAE's downsampling).")
+@click.option("--keep-high-band", is_flag=True, help="Texture stage: add the texture to the micrograph as it is instead of to its low-pass copy.")
 @threads_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @device_option
 def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions, min_object_area, z_size, overwrite,
-               workers, real, renderer_dir, threads, no_progress, device):
+               workers, real, renderer_dir, texture_real, texture_pool, keep_high_band, threads, no_progress, device):
     """Sample synthetic micrograph + mask pairs: prior -> z-matrices -> VQ-VAE decoder -> mask clean-up."""
     from dualsynth.config import apply_threads, parse_threads
     from dualsynth.synthetic import FIDELITY_DIR, check_real_fits, record_fidelity, sample_dataset
@@ -356,12 +359,14 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
         phase_fractions=phase_fractions, min_object_area=min_object_area,
         z_shape=None if z_size is None else (z_size, z_size), device=device, overwrite=overwrite,
         progress=not no_progress, workers=parse_threads(workers), renderer=renderer_dir,
+        texture=texture_real, texture_pool=texture_pool, replace_high_band=not keep_high_band,
     )
     h, w = summary["tile_shape"]
     click.echo(
         f"wrote {summary['n']} synthetic pairs ({h}x{w} px) to {out}: {summary['distinct_z_matrices']} distinct "
         f"z-matrices, {100 * summary['mean_changed_by_cleanup']:.2f}% of mask pixels changed by the clean-up, "
         f"{summary['sampling_seconds']:.1f} s with {summary['workers']} process(es); grid.png shows the first pairs"
+        + ("; texture fitted on " + summary["texture"]["real"] + " (OUT/texture.json)" if summary["texture"] else "")
     )
     if real is not None:  # the new set against the real one, as `dualsynth fidelity` measures it
         from dualsynth.fidelity import fidelity, fidelity_headline
@@ -425,6 +430,30 @@ def render_cmd(renderer_dir, data_dir, out, split, seed, overwrite, threads, no_
                              progress=not no_progress)
     cropped = f" ({summary['cropped_tiles']} cropped to the renderer's multiple)" if summary["cropped_tiles"] else ""
     click.echo(f"rendered {summary['tiles']} micrographs{cropped} to {out} in {summary['seconds']:.1f} s; grid.png shows the first")
+
+
+@cli.command("texture", context_settings=CONTEXT)
+@click.option("--real", "real_dir", required=True, type=click.Path(), help="Real dataset folder; the texture is fitted on its train split.")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Dataset folder (e.g. from sample) whose micrographs get the texture.")
+@click.option("--out", required=True, type=click.Path(), help="Dataset folder to write (same masks, textured micrographs).")
+@click.option("--split", help="Texture only this split's tiles of --data (default: every tile).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Tile n's texture depends on (seed, n) only.")
+@click.option("--pool", default=4, show_default=True, type=click.IntRange(min=2), help="lowpass average-pool size: the VQ-VAE's downsampling (texture finer than this is fitted and added).")
+@click.option("--keep-high-band", is_flag=True, help="Add the texture to the micrograph as it is instead of to its low-pass copy.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@threads_option
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def texture_cmd(real_dir, data_dir, out, split, seed, pool, keep_high_band, overwrite, threads, no_progress):
+    """Add fine texture fitted on real tiles to a dataset's micrographs (the texture stage; not in the paper)."""
+    from dualsynth.config import apply_threads
+    from dualsynth.synthetic import texture_dataset
+
+    apply_threads(threads)
+    summary = texture_dataset(real_dir, data_dir, out, seed=seed, pool=pool, replace_high_band=not keep_high_band,
+                              split=split, overwrite=overwrite, progress=not no_progress)
+    stds = ", ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in summary["class_std"].items())
+    click.echo(f"textured {summary['tiles']} micrographs to {out} in {summary['seconds']:.1f} s; texture std per class: "
+               f"{stds}; grid.png shows the first")
 # --- end renderer ---
 
 # --- segmentation ---

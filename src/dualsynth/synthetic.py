@@ -25,6 +25,7 @@ from dualsynth.io import atomic_path, progress_bar, read_image, save_figure, sav
 from dualsynth.models.renderer import load_renderer, render
 from dualsynth.postprocess import clean_mask
 from dualsynth.sampling import draw_noise, sample_fast
+from dualsynth.texture import TEXTURE_FILE, add_texture, texture_rng
 
 
 CODES_FILE = "codes.npz"
@@ -130,6 +131,9 @@ def sample_dataset(
     grid_pairs: int = 8,
     workers: int | None = None,
     renderer: str | Path | None = None,
+    texture: str | Path | None = None,
+    texture_pool: int | None = None,
+    replace_high_band: bool = True,
 ) -> dict[str, Any]:
     """Sample `n` z-matrices from a trained prior, decode them with its VQ-VAE and write a dataset folder.
 
@@ -141,6 +145,8 @@ def sample_dataset(
     (`seed`, i) only, not on `batch_size` or `workers` (processes sampling side by side on a CPU; None: one per
     free core). `renderer` (a `train-renderer` run): the clean masks are rendered into micrographs by it
     (`dualsynth.models.renderer.render`, noise from (`seed`, i)) instead of taking the VQ-VAE's micrograph channels.
+    `texture` (a real dataset folder): the texture stage (`dualsynth.texture`) is fitted on its train split (saved
+    as OUT/texture.npz + .json; lowpass pool `texture_pool`, default the VQ-VAE's downsampling) and added to every micrograph, noise from (`seed`, i) (`texture_rng`).
     """
     from dualsynth.config import resolve_device
     from dualsynth.data import DatasetFolder, DatasetWriter, default_classes, split_joint
@@ -169,6 +175,8 @@ def sample_dataset(
     c_img = vc.image_channels
     rend = None if renderer is None else load_checked_renderer(renderer, vc.num_classes, [s * vc.downsample for s in shape], dev,
                                                                  c_img)
+    tex = None if texture is None else fit_checked_texture(texture, vc.num_classes, c_img,
+                                                                    texture_pool or vc.downsample)
     batches = [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
     workers = sample_workers(dev, len(batches)) if workers is None else max(1, int(workers))
     jobs = [(str(prior_dir), idx, shape, seed, temperature, fractions, str(dev), 1 if dev.type == "cpu" else None)
@@ -189,6 +197,8 @@ def sample_dataset(
                                               vc.num_classes, vc.mask_encoding, min_object_area))
                 if rend is not None:
                     image = render(rend, clean, seed, indices=[i], guides=image if rend.config.guide_channels else None)[0]
+                if tex is not None:
+                    image = add_texture(image, clean, tex, texture_rng(seed, i), replace_high_band)
                 raw_png = raw_mask_png(decoded_mask, vc.num_classes, vc.mask_encoding)
                 _, raw_classes = split_joint(joint, vc.num_classes, vc.mask_encoding)
                 changed.append(float(np.mean(np.asarray(raw_classes) != clean)))
@@ -231,7 +241,11 @@ def sample_dataset(
             "workers": workers,
             "device": str(dev),
             "renderer": None if renderer is None else str(Path(renderer).resolve()),
+            "texture": None if tex is None else {"real": str(Path(texture).resolve()), "pool": tex.pool,
+                                                  "replace_high_band": replace_high_band, "file": TEXTURE_FILE},
         }
+        if tex is not None:
+            tex.save(writer.tmp / TEXTURE_FILE)
         write_json(writer.tmp / SUMMARY_FILE, summary)
     return summary
 
@@ -502,4 +516,63 @@ def render_dataset(
             "device": str(dev),
         }
         write_json(writer.tmp / RENDER_SUMMARY, summary)
+    return summary
+
+
+# --- the texture stage: fitted fine texture added to a dataset's micrographs ---------------------------------
+
+TEXTURE_RUN_SUMMARY = "texture_run.json"
+
+
+def fit_checked_texture(real: str | Path, num_classes: int, image_channels: int, pool: int = 4):
+    """`dualsynth.texture.fit_texture` on the train split of ``real``, after checking that the folder exists and
+    has ``num_classes`` classes and ``image_channels`` channels (InputError naming it otherwise)."""
+    from dualsynth.data import DatasetFolder
+    from dualsynth.texture import fit_texture
+
+    if not Path(real).is_dir():
+        raise InputError(real, "real dataset folder does not exist")
+    folder = DatasetFolder(real)
+    if (folder.num_classes, folder.image_channels) != (num_classes, image_channels):
+        raise InputError(real, f"has {folder.num_classes} classes and {folder.image_channels} image channel(s); "
+                         f"the synthetic micrographs have {num_classes} and {image_channels}")
+    return fit_texture(folder, "train", pool)
+
+
+def texture_dataset(real: str | Path, data: str | Path, out: str | Path, *, seed: int = 0, pool: int = 4,
+                    replace_high_band: bool = True, split: str | None = None, overwrite: bool = False,
+                    progress: bool = True, grid_pairs: int = 8) -> dict[str, Any]:
+    """Fit the texture (`dualsynth.texture`) on ``real``'s train split and write ``out``: every tile of ``data``
+    (of ``split``; None: all) keeps its mask, name, split, source, position and origin; its micrograph gets
+    texture with noise from (``seed``, tile number). Writes OUT/texture.npz + OUT/texture.json (the model),
+    OUT/grid.png (micrograph, textured micrograph, mask) and OUT/texture_run.json."""
+    from dualsynth.data import DatasetFolder, DatasetWriter, colorize_mask
+    if not Path(data).is_dir():
+        raise InputError(data, "dataset folder does not exist")
+    folder = DatasetFolder(data)
+    records = folder.records(split=split)
+    if not records:
+        raise InputError(data, f"dataset has no '{split}' tiles")
+    t0 = time.perf_counter()
+    model = fit_checked_texture(real, folder.num_classes, folder.image_channels, pool)
+    grid = []
+    with DatasetWriter(out, folder.classes, overwrite=overwrite) as writer:
+        bar = progress_bar(enabled=progress, total=len(records), desc="texture", unit="tile")
+        for n, rec in enumerate(records):
+            before, mask = folder.load_image(rec), folder.load_mask(rec)
+            image = add_texture(before, mask, model, texture_rng(seed, n), replace_high_band)
+            extra = {k: v for k, v in rec.extra.items() if k != "raw_mask"}  # raw_masks/ is not copied
+            writer.add(Path(rec.file).stem, image, mask, split=rec.split, source=rec.source, tile_y=rec.tile_y,
+                       tile_x=rec.tile_x, origin=rec.origin, quality=rec.quality, extra=extra)
+            if len(grid) < grid_pairs:
+                grid.append((before, image, colorize_mask(mask, folder.classes)))
+            bar.update(1)
+        bar.close()
+        model.save(writer.tmp / TEXTURE_FILE)
+        draw_rows(writer.tmp / GRID_FILE, grid, ("micrograph", "textured micrograph", "mask"))
+        summary = {"real": str(Path(real).resolve()), "data": str(Path(data).resolve()), "split": split,
+                   "tiles": len(records), "seed": seed, "pool": pool, "replace_high_band": replace_high_band,
+                   "class_std": {nm: model.class_std[k].tolist() for k, nm in enumerate(model.class_names)},
+                   "seconds": time.perf_counter() - t0}
+        write_json(writer.tmp / TEXTURE_RUN_SUMMARY, summary)
     return summary
