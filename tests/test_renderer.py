@@ -362,10 +362,11 @@ def test_sample_with_a_renderer_draws_the_micrographs_for_the_clean_masks(datase
                                                              guide="lowpass")), device="cpu", progress=False)
     args = ["sample", "--prior", prior, "--n", 3, "--seed", 2, "--min-object-area", 4, "--workers", 1,
             "--device", "cpu", "--no-progress"]
-    code, _, err = run_cli([*args, "--out", tmp_path / "plain"], capsys)
+    code, _, err = run_cli([*args, "--out", tmp_path / "plain", "--texture", "none"], capsys)
     assert code == 0, err
     code, _, err = run_cli([*args, "--out", tmp_path / "rendered", "--renderer", rend], capsys)
     assert code == 0, err
+    assert json.loads((tmp_path / "rendered/sample.json").read_text())["texture"] is None  # auto: the renderer draws it
     plain, rendered = DatasetFolder(tmp_path / "plain"), DatasetFolder(tmp_path / "rendered")
     model = load_renderer(rend)
     changed = 0

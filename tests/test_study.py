@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -253,6 +254,7 @@ TINY_GENERATOR = {
                       "monitor_every": 20, "checkpoint_every": 10}},
     "prior": {"set": {"arch": "gated", "gated": {"hidden": 8, "num_layers": 3, "skip": 8}, "crop": 4, "batch_size": 4,
                       "steps": 10, "eval_every": 5, "checkpoint_every": 5}},
+    "sample": {"texture": True},  # the real fine texture of each budget's own tiles (dualsynth texture)
 }
 
 
@@ -315,6 +317,10 @@ def _check_label_study(label_study):
     assert len(budget.records(split="val")) == len(DatasetFolder(root / "hq").records(split="val"))
     assert not budget.records(split="test")
     assert len(DatasetFolder(out / "budgets" / "HQ-all").records(split="train")) == 32
+    # each budget's synthetic micrographs carry the texture fitted on that budget's tiles only
+    for name in ("HQ-2img-d0", "HQ-all"):
+        sample = json.loads((out / "generators" / name / "synthetic" / "sample.json").read_text())
+        assert Path(sample["texture"]["real"]) == (out / "budgets" / name).resolve()
     for g in ("HQ-2img-d0", "HQ-all"):
         stages = json.loads((out / "generators" / g / "stages.json").read_text())
         assert list(stages) == ["vqvae", "prior", "sample", "fidelity"]

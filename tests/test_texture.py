@@ -4,6 +4,7 @@ flat phases plus white noise, round trips, determinism and the CLI."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,8 +199,9 @@ def prior(tmp_path_factory):
 def test_cli_sample_with_texture(prior, real, tmp_path, capsys):
     run, data = prior
     args = ["sample", "--prior", run, "--n", "3", "--seed", "2", "--no-progress", "--device", "cpu", "--workers", "1"]
-    code, stdout, err = run_cli([*args, "--out", tmp_path / "plain"], capsys)
+    code, stdout, err = run_cli([*args, "--out", tmp_path / "plain", "--texture", "none"], capsys)
     assert code == 0, err
+    assert json.loads((tmp_path / "plain" / "sample.json").read_text())["texture"] is None
     code, stdout, err = run_cli([*args, "--out", tmp_path / "tex", "--texture", real, "--batch", "2"], capsys)
     assert code == 0, err
     assert "texture fitted on" in stdout
@@ -218,6 +220,24 @@ def test_cli_sample_with_texture(prior, real, tmp_path, capsys):
     one = DatasetFolder(tmp_path / "one")
     assert (tmp_path / "one" / "images" / one.records()[0].file).read_bytes() == \
         (tmp_path / "tex" / "images" / tex.records()[0].file).read_bytes()
+    # the default (--texture auto) fits on the dataset the VQ-VAE was trained on
+    code, stdout, err = run_cli([*args, "--out", tmp_path / "auto"], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli([*args, "--out", tmp_path / "explicit", "--texture", data], capsys)
+    assert code == 0, err
+    auto = DatasetFolder(tmp_path / "auto")
+    assert Path(json.loads((tmp_path / "auto" / "sample.json").read_text())["texture"]["real"]) == Path(data).resolve()
+    for rec in auto.records():
+        assert (tmp_path / "auto" / "images" / rec.file).read_bytes() == (tmp_path / "explicit" / "images" / rec.file).read_bytes()
+    # ... and says so in one line when that dataset is gone
+    import shutil
+
+    moved = shutil.move(str(data), str(Path(data).with_name("moved")))
+    try:
+        code, _, err = run_cli([*args, "--out", tmp_path / "gone"], capsys)
+        assert code == 2 and "--texture auto" in err and len(err.strip().splitlines()) == 1
+    finally:
+        shutil.move(moved, str(data))
     # a real set that does not fit: one line, exit 2, nothing written
     rgb = write_tiles(tmp_path / "rgb", phase_tiles(np.random.default_rng(1), 2, size=32, channels=3), 1)
     code, _, err = run_cli([*args, "--out", tmp_path / "no", "--texture", rgb], capsys)

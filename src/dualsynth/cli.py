@@ -339,7 +339,7 @@ def train_prior_cmd(vqvae_dir, out, arch, preset, config_file, overrides, condit
 @click.option("--workers", default="auto", show_default=True, metavar="auto|N", help="Processes sampling side by side on a CPU, one thread each (auto: one per free core).")
 @click.option("--real", type=click.Path(), callback=existing_dir, help="Real dataset folder: afterwards measure the new set against it (dualsynth fidelity), print the headline numbers and write OUT/fidelity/.")
 @click.option("--renderer", "renderer_dir", type=click.Path(), help="train-renderer run folder: it draws the micrographs for the clean masks instead of the VQ-VAE (a renderer with model.guide=lowpass refines the VQ-VAE's micrographs).")
-@click.option("--texture", "texture_real", type=click.Path(), help="Real dataset folder: fit the texture stage on its train split (OUT/texture.npz) and add fitted fine texture to every micrograph (dualsynth texture; not in the paper).")
+@click.option("--texture", "texture_real", default="auto", show_default=True, metavar="auto|none|PATH", help="Texture stage (dualsynth texture; not in the paper): fit the fine texture of a real dataset's train split (OUT/texture.npz) and add it to every micrograph. auto: the dataset the VQ-VAE was trained on (none with --renderer, which draws its own texture); none: the paper's decoded micrographs as they are.")
 @click.option("--texture-pool", type=click.IntRange(min=2), help="Texture stage: lowpass average-pool size (default: the VQ-VAE's downsampling).")
 @click.option("--keep-high-band", is_flag=True, help="Texture stage: add the texture to the micrograph as it is instead of to its low-pass copy.")
 @threads_option
@@ -349,11 +349,13 @@ def sample_cmd(prior_dir, n, out, temperature, seed, batch_size, phase_fractions
                workers, real, renderer_dir, texture_real, texture_pool, keep_high_band, threads, no_progress, device):
     """Sample synthetic micrograph + mask pairs: prior -> z-matrices -> VQ-VAE decoder -> mask clean-up."""
     from dualsynth.config import apply_threads, parse_threads
-    from dualsynth.synthetic import FIDELITY_DIR, check_real_fits, record_fidelity, sample_dataset
+    from dualsynth.synthetic import FIDELITY_DIR, check_real_fits, record_fidelity, sample_dataset, texture_source
 
     apply_threads(threads)
     if real is not None:
         check_real_fits(prior_dir, real)
+    # auto: the texture of the VQ-VAE's training tiles, unless a renderer draws the micrographs (and their texture)
+    texture_real = None if renderer_dir is not None and texture_real == "auto" else texture_source(prior_dir, texture_real)
     summary = sample_dataset(
         prior_dir, out, n, temperature=temperature, seed=seed, batch_size=batch_size,
         phase_fractions=phase_fractions, min_object_area=min_object_area,

@@ -123,8 +123,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         import math
 
         needed = max([math.ceil(max(config.percentages) / 100 * real_train_tiles())] + synthetic_only_sizes())
+        # with the real tiles' fine texture, as `dualsynth sample` adds by default (docs/fidelity.md)
         sample_dataset(prior_dir, synth_dir, config.synthetic or needed, seed=config.seed, device=config.device,
-                       overwrite=True, progress=progress, workers=threads)
+                       overwrite=True, progress=progress, workers=threads, texture=data / "hq")
 
     def study() -> None:
         study_config = StudyConfig.model_validate({

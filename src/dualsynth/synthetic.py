@@ -21,6 +21,7 @@ import torch
 
 from dualsynth.engine import iteration_seed
 from dualsynth.errors import InputError
+from dualsynth.runs import RunFolder
 from dualsynth.io import atomic_path, progress_bar, read_image, save_figure, save_png, write_json
 from dualsynth.models.renderer import load_renderer, render
 from dualsynth.postprocess import clean_mask
@@ -522,6 +523,24 @@ def render_dataset(
 # --- the texture stage: fitted fine texture added to a dataset's micrographs ---------------------------------
 
 TEXTURE_RUN_SUMMARY = "texture_run.json"
+
+
+def texture_source(prior_dir: str | Path, texture: str | Path | None) -> Path | None:
+    """The real dataset `sample --texture` fits on: ``auto`` is the one the prior's VQ-VAE was trained on (an
+    error when it is gone: the texture would silently be missing), ``none`` (or None) none, else the path."""
+    if texture is None or str(texture) == "none":
+        return None
+    if str(texture) != "auto":
+        return Path(texture)
+    config = RunFolder.open(prior_dir).config
+    data = config.get("data")
+    if not data:
+        raise InputError(prior_dir, "--texture auto: the prior names no training dataset (trained from --codes); "
+                                    "give --texture PATH or --texture none")
+    if not Path(data).is_dir():
+        raise InputError(data, "--texture auto: the VQ-VAE's training dataset is not there any more; "
+                               "give --texture PATH (the real dataset) or --texture none")
+    return Path(data)
 
 
 def fit_checked_texture(real: str | Path, num_classes: int, image_channels: int, pool: int = 4):

@@ -180,7 +180,7 @@ def _run_stage(stage: str, plan: BudgetPlan, settings: GeneratorSettings, folder
         s = settings.sample
         sample_dataset(folder / "prior", folder / "synthetic", plan.sample_count, temperature=s.temperature,
                        seed=settings.seed, batch_size=s.batch_size, min_object_area=s.min_object_area, device=device,
-                       overwrite=True, progress=progress, workers=1)
+                       overwrite=True, progress=progress, workers=1, texture=plan.dataset if s.texture else None)
     elif stage == "fidelity":
         from dualsynth.fidelity import fidelity
 

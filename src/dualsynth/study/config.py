@@ -55,6 +55,9 @@ class SampleSettings(StrictModel):
     batch_size: int = Field(16, ge=1, description="z-matrices sampled per batch")
     min_object_area: int | None = Field(None, ge=0, description="clean-up: fill objects smaller than this (px); "
                                         "default: 200 px² per 256x256 tile, scaled with tile area")
+    texture: bool = Field(True, description="add the budget's real fine texture to the sampled micrographs "
+                          "(`sample --texture` with the budget's own tiles, as `sample` does by default; see "
+                          "`dualsynth texture`); false: the paper's decoded micrographs")
 
 
 class GeneratorSettings(StrictModel):
