@@ -253,13 +253,16 @@ def test_paper_preset_keeps_the_papers_losses_and_no_adversary():
         config = load_config(VQVAETrainConfig, PRESETS, name)
         assert (config.image_loss, config.focal_frequency_weight, config.mask_loss) == ("mse", 0.0, "mse"), name
         assert config.mask_class_weights == "none" and config.adversarial_weight == 0 and not config.adversarial
+    # the mask encoding: the paper's one grey channel; quick one channel per class (it keeps rare classes)
+    assert load_config(VQVAETrainConfig, PRESETS, "paper").mask_encoding == "levels"
+    assert load_config(VQVAETrainConfig, PRESETS, "quick").mask_encoding == "onehot"
 
 
 def test_loss_options_that_do_not_fit_are_config_errors(dataset, tmp_path):
     from dualsynth.config import load_config
 
     with pytest.raises(InputError, match="needs mask_encoding onehot"):
-        load_config(VQVAETrainConfig, PRESETS, "quick", overrides={"mask_loss": "cross_entropy"})
+        load_config(VQVAETrainConfig, PRESETS, "paper", overrides={"mask_loss": "cross_entropy"})
     with pytest.raises(InputError, match="needs mask_loss cross_entropy"):
         load_config(VQVAETrainConfig, PRESETS, "quick", overrides={"mask_encoding": "onehot",
                                                                      "mask_class_weights": "balanced"})

@@ -134,6 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "model": {"hidden": 128, "res_hidden": 32, "res_layers": 2, "embedding_dim": 64, "num_embeddings": 10,
                   "kmeans_init": False, "dead_code_steps": 0},
+        "mask_encoding": "levels",
         "mask_weight": 1.0,
         "augment": False,
         "lr_schedule": "constant",
@@ -148,8 +149,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # about 2-4 minutes on a busy 2-core CPU with --threads 1 (measured on the NASA superalloy tiles: mask pixel
     # accuracy 0.988 on validation tiles): narrower trunk, 64 px crops, many cheap steps. At equal time, more
     # steps on small crops beat larger crops (128 px) and a wider trunk (hidden 128).
+    # One mask channel per class (onehot): on nasa-super it raised the reconstruction IoU of the rare tertiary
+    # class from 0.836 to 0.856 and U-Nets trained on its synthetic pairs alone from 40 to about 72 % test
+    # Missing Class IoU (docs/fidelity.md); on the demo data the rarest class's IoU went from 0.61 to 0.81.
     "quick": {
         "model": {"hidden": 64, "res_hidden": 32, "res_layers": 2, "embedding_dim": 64, "num_embeddings": 10},
+        "mask_encoding": "onehot",
         "tile": 64,
         "batch_size": 8,
         "steps": 4000,
