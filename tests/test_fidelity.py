@@ -255,5 +255,7 @@ def test_featureless_tiles_are_not_near_copies_but_shifted_copies_in_brightness_
     raw_real = np.sqrt(((held[:, None] - train[None]) ** 2).mean(-1)).min(1)
     assert raw_flat.max() < np.percentile(raw_real, 1)  # on raw pixels every flat tile would be a "copy"
     assert memorisation_report(train, held, flat)["near_copy_fraction"] == 0
+    constant = np.full((3, 32 * 32), 0.6)  # no structure at all (a constant or fully clipped crop): no copy either
+    assert memorisation_report(train, held, constant)["near_copy_fraction"] == 0
     shifted = 0.2 + 0.6 * train[:10]
     assert memorisation_report(train, held, shifted)["near_copy_fraction"] == 1

@@ -370,11 +370,14 @@ def _check_plan_report_only_and_restart(label_study, capsys):
     assert "10 U-Net runs, 10 finished" in stdout
 
     report, diffs = (out / "report.md").read_text(), (out / "differences.csv").read_text()
+    results = (out / "results.csv").read_text()
     (out / "report.md").unlink()
     (out / "label_efficiency.png").unlink()
+    (out / "results.csv").unlink()  # as after a study stopped before its end wrote it: rebuilt from the runs
     code, stdout, err = run_cli(["study", "--config", path, "--out", out, "--report-only"], capsys)
     assert code == 0, err
     assert (out / "report.md").read_text() == report and (out / "differences.csv").read_text() == diffs
+    assert (out / "results.csv").read_text() == results
     assert (out / "label_efficiency.png").is_file()
 
     stamp = (out / "generators" / "HQ-all" / "synthetic" / "manifest.csv").stat().st_mtime_ns
@@ -508,6 +511,8 @@ def test_label_study_config_errors_are_one_line(tmp_path, capsys):
         ({"generator": {"vqvae": {"set": {"stepz": 3}}}}, "unknown config key 'stepz'"),
         ({"compare": ["real"]}, "name two models"),
         ({"real_images": None, "synthetic": "synth", "arms": ["real"]}, "only for a label-efficiency study"),
+        # fewer pairs than the arms need: refused before any generator trains
+        ({"generator": {**TINY_GENERATOR, "sample": {"count": 3}}}, "needs 8"),
     ]
     for changes, needle in cases:
         path = write_label_study(tmp_path, **changes)
@@ -558,3 +563,9 @@ def test_a_study_killed_during_a_generator_stage_resumes_it(tmp_path):
     steps = [int(r["step"]) for r in read_csv(out / "generators" / "HQ-all" / "vqvae" / "log.csv")]
     assert steps == list(range(10, 151, 10))  # resumed from its last checkpoint: every logged step once
     assert len(read_csv(out / "results.csv")) > 0 and (out / "report.md").is_file()
+    # the finished generators are not silently reused under other generator settings
+    assert write_label_study(tmp_path, generator={**generator, "sample": {"temperature": 0.5}},
+                             arms=["real", "synthetic_only"]) == path  # the same config file, rewritten
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "made with other settings" in again.stderr, again.stderr[-1500:]
+    assert again.stderr.strip().count("\n") == 0

@@ -409,9 +409,15 @@ def standardise_rows(rows: np.ndarray) -> np.ndarray:
     not brightness, and a featureless tile (flat grey, or flat grey with noise) is far from every real tile
     instead of near all of them (on raw pixels a flat tile at the mean grey is nearer every real tile than real
     tiles are to each other, and would count as a near-copy)."""
-    rows = np.asarray(rows, dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.float32)
     centred = rows - rows.mean(axis=1, keepdims=True)
     return centred / np.maximum(centred.std(axis=1, keepdims=True), 1e-6)
+
+
+def flat_rows(rows: np.ndarray, floor: float = 1e-4) -> np.ndarray:
+    """Rows without structure (std below `floor`, e.g. a constant or fully clipped crop): standardised they are
+    the zero vector, at distance 1 from every real crop, nearer than uncorrelated real crops are to each other."""
+    return np.asarray(rows, dtype=np.float32).std(axis=1) < floor
 
 
 def memorisation_report(train: np.ndarray, held_out: np.ndarray | None, synthetic: np.ndarray) -> dict[str, Any]:
@@ -419,6 +425,7 @@ def memorisation_report(train: np.ndarray, held_out: np.ndarray | None, syntheti
     `NEAR_COPY_PERCENTILE` percentile of the real-to-real nearest distances (rows standardised first)."""
     if len(train) < 1 or ((held_out is None or not len(held_out)) and len(train) < 2):
         return {"near_copy_fraction": None, "note": "needs a real train split (and held-out tiles or 2+ train tiles)"}
+    flat = flat_rows(synthetic)  # a crop without structure is nobody's copy
     train, synthetic = standardise_rows(train), standardise_rows(synthetic)
     held_out = None if held_out is None else standardise_rows(held_out)
     if held_out is not None and len(held_out):
@@ -428,6 +435,7 @@ def memorisation_report(train: np.ndarray, held_out: np.ndarray | None, syntheti
         ref = nearest_distances(train, train, exclude_self=True)
         reference = "each real train tile to its nearest other train tile"
     syn = nearest_distances(synthetic, train)
+    syn[flat] = np.inf
     threshold = float(np.percentile(ref, NEAR_COPY_PERCENTILE))
     return {"near_copy_fraction": float(np.mean(syn < threshold)), "near_copies": int(np.sum(syn < threshold)),
             "threshold": threshold, "percentile": NEAR_COPY_PERCENTILE, "reference": reference,

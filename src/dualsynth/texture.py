@@ -266,11 +266,3 @@ def add_texture(image: np.ndarray, mask: np.ndarray, model: TextureModel, rng: n
     amplitude = model.class_std[np.clip(mask, 0, len(model.class_std) - 1)]  # (H, W, C)
     out = base + texture_field(image.shape[:2], model, rng) * amplitude
     return np.clip(out, 0, 1).astype(np.float32)
-
-
-def check_texture_fits(model: TextureModel, folder: DatasetFolder, where: str | Path) -> None:
-    """InputError naming ``where`` unless the folder's classes and channels are the model's."""
-    if folder.num_classes != len(model.class_names):
-        raise InputError(where, f"has {folder.num_classes} classes, the texture was fitted on {len(model.class_names)}")
-    if folder.image_channels != model.channels:
-        raise InputError(where, f"has {folder.image_channels} image channel(s), the texture was fitted on {model.channels}")

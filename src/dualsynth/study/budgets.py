@@ -14,6 +14,7 @@ checkpoint. It is a top-level function, so Ray can run it as a task.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -81,11 +82,9 @@ def label_seg_config(config: StudyConfig, budgets: list[BudgetPlan]) -> tuple[di
     """
     import math
 
-    from dualsynth.segmentation import SegTrainConfig
-
     seg = seg_config_dict(config)
     explicit_epochs = "steps" in config.seg.set and config.seg.set["steps"] is None  # seg.set.steps: null
-    if "steps" not in SegTrainConfig.model_fields or explicit_epochs:
+    if explicit_epochs:
         return seg, ("Epoch-based training: a run with more training tiles also takes more optimizer steps, so "
                      "part of a gain from synthetic tiles may be the extra steps.")
     if seg.get("steps"):
@@ -156,6 +155,22 @@ def run_generator(job: dict[str, Any], generator: dict[str, Any], device: str, t
     except Exception as exc:  # reported with the generator's name; the study stops before its U-Nets
         return {"name": plan.name, "error": f"{type(exc).__name__}: {exc}"}
     return {"name": plan.name, "seconds": time.perf_counter() - t0, "ran": ran}
+
+
+def check_generator_unchanged(plan: BudgetPlan, generator: GeneratorSettings) -> None:
+    """Record the settings a generator folder is made with (GENERATOR/generator.yaml); refuse to continue one
+    made with other settings, whose finished stages would otherwise be reused silently."""
+    folder = Path(plan.generator)
+    settings = {"generator": generator.model_dump(mode="json"), "sample_count": plan.sample_count,
+                "dataset": plan.dataset}
+    path = folder / "generator.yaml"
+    if path.is_file():
+        if read_yaml(path) != json.loads(json.dumps(settings)):
+            raise InputError(path, "this generator was made with other settings (generator section, sample count or "
+                                   "budget); use a new study folder, or delete the generator folder to retrain it")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_yaml(path, settings)
 
 
 def _run_stage(stage: str, plan: BudgetPlan, settings: GeneratorSettings, folder: Path, device: str, threads: int,

@@ -108,13 +108,18 @@ def plan_budgets(config: StudyConfig, out: str | Path) -> list[BudgetPlan]:
                     sizes = (config.synthetic_only or [tiles]) if "synthetic_only" in config.arms else []
                     pct = max(config.synthetic_percentages, default=0)
                     need = max([synthetic_count(pct, tiles)] + list(sizes))
-                    need = config.generator.sample.count or need
+                    count = config.generator.sample.count
+                    if count is not None and count < need:
+                        raise InputError("study config 'generator.sample.count'",
+                                         f"{count} pairs, but budget '{name}' needs {need} (the largest synthetic "
+                                         "percentage of its real tiles, and the synthetic-only sizes)")
+                    need = count or need
                 plans.append(BudgetPlan(name, base, str(path), str(budget), draw, chosen, tiles,
                                         str(Path(out) / "budgets" / name), str(Path(out) / "generators" / name), need))
     return plans
 
 
-def arm_labels(config: StudyConfig, budget_tiles: int | None = None) -> list[str]:
+def arm_labels(config: StudyConfig) -> list[str]:
     """The arm labels of a label-efficiency study's runs: real, augment, copy_paste, synthetic-P, synthetic_only."""
     labels = [a for a in ("real", "augment", "copy_paste") if a in config.arms]
     labels += [f"synthetic-{p:g}" for p in config.synthetic_percentages]

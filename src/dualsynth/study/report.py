@@ -149,15 +149,11 @@ def fidelity_section(config: StudyConfig, out: Path) -> str:
 
 
 def rebuild_report(config: StudyConfig, out: str | Path) -> dict[str, Path]:
-    """`dualsynth study --report-only`: the report, figures and tables again, training nothing. A label-efficiency
-    study's are rebuilt from results.csv and the per-tile files; an old-style study's from its finished runs."""
+    """`dualsynth study --report-only`: results.csv, the report, figures and tables again from the finished runs
+    (their evaluations and per-tile files), training nothing; a study stopped before its end gets them too."""
     out = Path(out)
-    if not (out / "results.csv").is_file():
-        raise InputError(out / "results.csv", "not found: run the study first")
-    if config.label_efficiency:
-        from dualsynth.study.efficiency import label_report
-
-        return {"results": out / "results.csv", **label_report(config, out)}
+    if not (out / "results.csv").is_file() and not (out / "runs").is_dir():
+        raise InputError(out, "no study here (no results.csv, no runs/): run the study first")
     return write_study_outputs(config, out)
 
 

@@ -215,7 +215,7 @@ def _run_label_study(config: StudyConfig, out: Path, workers: int | None, backen
                      threads: int | None, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """A label-efficiency study: budget folders, then each budget's generator, then every arm's U-Nets."""
     from dualsynth.config import resolve_device
-    from dualsynth.study.budgets import check_generator_settings, write_budget_dataset
+    from dualsynth.study.budgets import check_generator_settings, check_generator_unchanged, write_budget_dataset
 
     t0 = time.perf_counter()
     budgets = plan_budgets(config, out)
@@ -233,6 +233,8 @@ def _run_label_study(config: StudyConfig, out: Path, workers: int | None, backen
         write_budget_dataset(b)
     _check_runs([r for r in runs if r.synthetic is None])
     generators = [b for b in budgets if b.sample_count]
+    for b in generators:
+        check_generator_unchanged(b, config.generator)
     stages = generator_stages(config)
     todo = [b for b in generators if set(stages) - set(generator_stages_done(b.generator))]
     log(f"study: {len(generators)} generators, {len(generators) - len(todo)} already finished, {len(todo)} to do")

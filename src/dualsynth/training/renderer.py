@@ -264,9 +264,10 @@ def train_renderer(
     def after(step: int, _: Any) -> dict[str, Any] | None:
         step += 1  # updates done
         shown = None
-        if step % config.log_every == 0 or step == config.steps:
+        validate = step % config.val_every == 0 or step == config.steps
+        if step % config.log_every == 0 or validate:
             row: dict[str, Any] = {"step": step, **engine.window_means(), "tiles_per_s": engine.throughput()}
-            if step % config.val_every == 0 or step == config.steps:
+            if validate:
                 row.update(validation_scores(generator, val_pairs, config))
                 engine.keep_if_best(row["val_score"], "min", **{k: row[k] for k in ("val_score", "val_l1", "val_hf_ratio")})
             engine.log(row)
