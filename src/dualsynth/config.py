@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dualsynth.errors import InputError
 from dualsynth.io import read_yaml
@@ -24,6 +24,17 @@ class StrictModel(BaseModel):
     """Base of every config: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TrainingConfig(StrictModel):
+    """The keys every trainer's config has (train-vqvae, train-prior, train-renderer, train-seg)."""
+
+    preset: str | None = Field(None, description="name of the preset this config started from")
+    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
+        "hardware), fp32, or bf16"
+    )
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from dualsynth.config import StrictModel, amp_dtype, apply_threads, autocast, resolve_device
+from dualsynth.config import TrainingConfig, amp_dtype, apply_threads, autocast, resolve_device
 from dualsynth.engine import Engine, adam, Plateau, epoch_batches, step_batch
 from dualsynth.io import progress_bar, read_csv, save_figure
 from dualsynth.metrics import SegmentationScores
@@ -40,10 +40,9 @@ from dualsynth.segmentation.model import KIND, UNetArchitecture, build_unet, che
 MONITORS = ("missing_class_iou", "miou")
 
 
-class SegTrainConfig(StrictModel):
+class SegTrainConfig(TrainingConfig):
     """Everything `train-seg` reads from a preset, a config file or `--set key=value`."""
 
-    preset: str | None = Field(None, description="name of the preset this config started from")
     model: UNetArchitecture = Field(default_factory=UNetArchitecture)
     encoder_weights: str = Field(
         "none", description="none, imagenet (the paper's Table 3; from the local cache, never downloaded) or a local "
@@ -90,11 +89,6 @@ class SegTrainConfig(StrictModel):
     early_stop_patience: int = Field(
         15, ge=1, description="validations (epochs, or val_every steps) without improvement before stopping, where "
         "early_stop is on (paper: 15)"
-    )
-    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
-        "hardware), fp32, or bf16"
     )
 
     @field_validator("encoder_weights")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from dualsynth.config import StrictModel, apply_threads, autocast, resolve_device
+from dualsynth.config import TrainingConfig, apply_threads, autocast, resolve_device
 from dualsynth.data import DatasetFolder, dihedral, join_pair
 from dualsynth.engine import Engine, adam, scheduled_lr, step_batch
 from dualsynth.errors import InputError
@@ -52,10 +52,9 @@ KIND = "prior"
 CODES_FILE = "codes.npz"
 
 
-class PriorTrainConfig(StrictModel):
+class PriorTrainConfig(TrainingConfig):
     """Everything `train-prior` reads from a preset, a config file or `--set key=value`."""
 
-    preset: str | None = Field(None, description="name of the preset this config started from")
     arch: Literal["pixelcnn", "gated"] = Field("gated", description="pixelcnn: the paper's; gated: no blind spot")
     pixelcnn: PixelCNNArchitecture = Field(default_factory=PixelCNNArchitecture)
     gated: GatedPixelCNNArchitecture = Field(default_factory=GatedPixelCNNArchitecture)
@@ -74,11 +73,6 @@ class PriorTrainConfig(StrictModel):
     steps: int = Field(2000, ge=1, description="training updates")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="cosine: decay to 5% of lr at the end")
-    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
-        "hardware), fp32, or bf16"
-    )
     eval_every: int = Field(100, ge=1, description="steps per validation (log.csv row; best.pt is checked here)")
     checkpoint_every: int = Field(100, ge=1, description="steps per checkpoints/last.pt")
 

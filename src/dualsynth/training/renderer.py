@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from dualsynth.config import StrictModel, apply_threads, resolve_device
+from dualsynth.config import TrainingConfig, apply_threads, resolve_device
 from dualsynth.data import DatasetFolder, colorize_mask
 from dualsynth.engine import Engine, adam, scheduled_lr, step_batch
 from dualsynth.errors import InputError
@@ -55,10 +55,9 @@ from dualsynth.runs import RunFolder
 from dualsynth.training.vqvae import crop_to_multiple, joint_batch
 
 
-class RendererTrainConfig(StrictModel):
+class RendererTrainConfig(TrainingConfig):
     """Everything `train-renderer` reads from a preset, a config file or `--set key=value`."""
 
-    preset: str | None = Field(None, description="name of the preset this config started from")
     model: RendererArchitecture = Field(default_factory=RendererArchitecture)
     tile: int = Field(64, ge=8, description="side of the random square training crops (a multiple of 2**model.depth)")
     augment: bool = Field(True, description="random flips and 90-degree rotations of training crops")
@@ -73,11 +72,6 @@ class RendererTrainConfig(StrictModel):
     l1_pool: int = Field(4, ge=1, description="average-pool both micrographs by this factor before the L1 loss (1: pixel-wise, pix2pix)")
     adv_weight: float = Field(1.0, ge=0, description="weight of the adversarial (hinge) loss of the generator (0: no discriminator)")
     fm_weight: float = Field(0.0, ge=0, description="weight of the discriminator feature-matching L1 loss (pix2pixHD)")
-    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
-        "hardware), fp32, or bf16"
-    )
     val_tiles: int = Field(16, ge=1, description="at most this many validation tiles are rendered at each validation")
     val_hf_weight: float = Field(0.02, ge=0, description="weight of |log2(high-pass energy ratio)| in the validation score")
     log_every: int = Field(50, ge=1, description="steps per log.csv row (window means)")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from dualsynth.config import StrictModel, apply_threads, resolve_device
+from dualsynth.config import TrainingConfig, apply_threads, resolve_device
 from dualsynth.data import (
     ClassInfo,
     DatasetFolder,
@@ -62,10 +62,9 @@ from dualsynth.models.vqvae import (
 from dualsynth.runs import RunFolder
 
 
-class VQVAETrainConfig(StrictModel):
+class VQVAETrainConfig(TrainingConfig):
     """Everything `train-vqvae` reads from a preset, a config file or `--set key=value`."""
 
-    preset: str | None = Field(None, description="name of the preset this config started from")
     model: VQVAEArchitecture = Field(default_factory=VQVAEArchitecture)
     mask_encoding: Literal["levels", "onehot"] = Field(
         "levels", description="levels: one mask channel, class k at k/(C-1) (paper); onehot: C channels"
@@ -104,11 +103,6 @@ class VQVAETrainConfig(StrictModel):
     lr: float = Field(3e-4, gt=0, description="Adam learning rate (Sonnet's example: 3e-4)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="constant (Sonnet, paper) or cosine decay to 5% of lr at the last step"
-    )
-    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
-        "hardware), fp32, or bf16"
     )
     log_every: int = Field(100, ge=1, description="steps per log.csv row (window means); best.pt is checked here")
     monitor_every: int = Field(1000, ge=1, description="steps per monitoring figure (paper Figs. 7 and 8)")
