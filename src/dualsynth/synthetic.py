@@ -254,15 +254,25 @@ def sample_dataset(
 def check_real_fits(prior_dir: str | Path, real: str | Path) -> None:
     """Refuse a real dataset folder whose classes or image channels differ from what the prior's generator makes
     (`sample --real` checks this before sampling, so a wrong folder costs nothing)."""
-    from dualsynth.data import DatasetFolder
     from dualsynth.models.vqvae import load_vqvae
     from dualsynth.training.prior import load_prior
 
     vc = load_vqvae(load_prior(prior_dir, "cpu").vqvae_dir, "cpu").config
+    open_fitting_real(real, vc.num_classes, vc.image_channels, "the generator makes")
+
+
+def open_fitting_real(real: str | Path, num_classes: int, image_channels: int, what: str):
+    """The real dataset folder ``real``, or an InputError naming it when it is missing or its classes or image
+    channels are not ``num_classes`` and ``image_channels`` (``what``: whose they are, for the message)."""
+    from dualsynth.data import DatasetFolder
+
+    if not Path(real).is_dir():
+        raise InputError(real, "real dataset folder does not exist")
     folder = DatasetFolder(real)
-    if (folder.num_classes, folder.image_channels) != (vc.num_classes, vc.image_channels):
+    if (folder.num_classes, folder.image_channels) != (num_classes, image_channels):
         raise InputError(real, f"has {folder.num_classes} classes and {folder.image_channels} image channel(s); "
-                         f"the generator makes {vc.num_classes} and {vc.image_channels}")
+                         f"{what} {num_classes} and {image_channels}")
+    return folder
 
 
 def record_fidelity(out_dir: str | Path, real: str | Path, report: dict[str, Any]) -> dict[str, Any]:
@@ -546,15 +556,9 @@ def texture_source(prior_dir: str | Path, texture: str | Path | None) -> Path | 
 def fit_checked_texture(real: str | Path, num_classes: int, image_channels: int, pool: int = 4):
     """`dualsynth.texture.fit_texture` on the train split of ``real``, after checking that the folder exists and
     has ``num_classes`` classes and ``image_channels`` channels (InputError naming it otherwise)."""
-    from dualsynth.data import DatasetFolder
     from dualsynth.texture import fit_texture
 
-    if not Path(real).is_dir():
-        raise InputError(real, "real dataset folder does not exist")
-    folder = DatasetFolder(real)
-    if (folder.num_classes, folder.image_channels) != (num_classes, image_channels):
-        raise InputError(real, f"has {folder.num_classes} classes and {folder.image_channels} image channel(s); "
-                         f"the synthetic micrographs have {num_classes} and {image_channels}")
+    folder = open_fitting_real(real, num_classes, image_channels, "the synthetic micrographs have")
     return fit_texture(folder, "train", pool)
 
 
