@@ -570,3 +570,24 @@ def test_paper_preset_without_cached_weights_is_one_line_and_writes_nothing(hub_
     assert code == 2 and err.count("\n") == 1
     assert "ImageNet weights for 'efficientnet-b3'" in err and "hf download" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_paper_augmentation_does_not_touch_the_network():
+    # albumentations checks PyPI for a newer version on import unless told not to (seen on a machine without DNS)
+    import subprocess
+    import sys
+
+    code = ("import os, urllib.request\n"
+            "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
+            "calls = []\n"
+            "def spy(self, *a, **k):\n"
+            "    calls.append(a)\n"
+            "    raise OSError('network blocked')\n"
+            "urllib.request.OpenerDirector.open = spy\n"
+            "from dualsynth.segmentation.data import paper_augmentation\n"
+            "paper_augmentation(1)\n"
+            "import time; time.sleep(0.5)\n"
+            "print(len(calls))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-800:]
+    assert out.stdout.strip() == "0", out.stderr[-800:]

@@ -350,8 +350,10 @@ def _check_label_study(label_study):
         low, high = float(d["low"]), float(d["high"])
         assert d["verdict"] == ("helps" if low > 0 else "hurts" if high < 0 else "no evidence")
     saved = read_csv(out / "labels_saved.csv")
-    assert {(s["arm"], s["images"], s["next_images"]) for s in saved} == {
+    assert {(s["arm"], s["images"], s["next_images"]) for s in saved} == {("real", "2", "8"),
         ("augment", "2", "8"), ("copy_paste", "2", "8"), ("synthetic-100", "2", "8"), ("synthetic_only", "2", "8")}
+    control = next(s for s in saved if s["arm"] == "real")  # the control row: real only against more real labels
+    assert all(s["real_matches_too"] == control["matches"] for s in saved)
     report = (out / "report.md").read_text()
     assert "`seg.steps` was not given, so every U-Net takes 8 optimizer steps" in report
     assert "**Labels saved: " in report and "## Each arm against real only at the same budget" in report
@@ -390,6 +392,16 @@ def _check_plan_report_only_and_restart(label_study, capsys):
     code, stdout, _ = run_cli(["study", "--config", bigger, "--out", out, "--plan"], capsys)
     assert "[todo] HQ-2img-d0-real-seed1" in stdout and "[done] HQ-2img-d0-real-seed0" in stdout
     assert not (out / "runs" / "HQ-2img-d0-real-seed1").exists()  # --plan ran nothing
+    # U-Net checkpoints are large and users delete them: the report is still rebuilt, the comparison figure kept
+    import shutil
+
+    for folder in (out / "runs").glob("*/checkpoints"):
+        shutil.rmtree(folder)
+    code, stdout, err = run_cli(["study", "--config", path, "--out", out, "--report-only"], capsys)
+    assert code == 0, err
+    report = (out / "report.md").read_text()
+    assert "not redrawn by this build" in report and "the figure is the one drawn before" in report
+    assert "](fig20_comparison.png)" in report and (out / "fig20_comparison.png").is_file()
 
 
 def _check_bootstrap_point_estimate(label_study):
@@ -415,6 +427,31 @@ def _scores(values):
 
     v = np.asarray(values, float)
     return TileScores(np.nan_to_num(v), (~np.isnan(v)).astype(float))
+
+
+def _saved(arm, images, nxt, low, high, control):
+    return {"base": "HQ", "budget": str(images), "images": images, "arm": arm, "next_budget": str(nxt),
+            "next_images": nxt, "difference": (low + high) / 2, "low": low, "high": high, "matches": high >= 0,
+            "units": 8, "real_matches_too": control}
+
+
+def test_labels_saved_headline_needs_the_real_only_control_to_fail():
+    from dualsynth.study.efficiency import _headline
+
+    # budget 2: real only is clearly below real only at 4, synthetic matches it -> 2 labels saved
+    rows = [_saved("real", 2, 4, -6.0, -2.0, False), _saved("synthetic-100", 2, 4, -1.0, 3.0, False)]
+    assert _headline(rows).startswith("**Labels saved: 2** (HQ): with 2 labelled images")
+    # real only with 2 images already matches real only with 4: more labels did not help, nothing is saved
+    rows = [_saved("real", 2, 4, -1.0, 3.0, True), _saved("synthetic-100", 2, 4, 1.0, 8.0, True)]
+    head = _headline(rows)
+    assert head.startswith("**Labels saved: not shown** (HQ)") and "so does real only with 2 images" in head
+    # the first budget's control matches, the next one's fails and synthetic matches there: 12 saved from 4
+    rows += [_saved("real", 4, 16, -9.0, -3.0, False), _saved("synthetic-100", 4, 16, -2.0, 1.0, False)]
+    assert _headline(rows).startswith("**Labels saved: 12** (HQ): with 4 labelled images")
+    # synthetic below real only with more labels everywhere
+    rows = [_saved("real", 2, 4, -6.0, -2.0, False), _saved("synthetic-100", 2, 4, -5.0, -1.0, False)]
+    assert _headline(rows).startswith("**Labels saved: none.**")
+    assert _headline([_saved("real", 2, 4, -6.0, -2.0, False)]).startswith("**Labels saved: not measured**")
 
 
 def test_bootstrap_known_answers():
@@ -569,3 +606,19 @@ def test_a_study_killed_during_a_generator_stage_resumes_it(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "made with other settings" in again.stderr, again.stderr[-1500:]
     assert again.stderr.strip().count("\n") == 0
+
+
+def test_generators_train_side_by_side_with_the_same_result_as_one_after_another(tmp_path):
+    import hashlib
+
+    generator = {**TINY_GENERATOR, "fidelity": False}
+    digests = []
+    for workers in (1, 2):
+        root = tmp_path / f"w{workers}"
+        path = write_label_study(root, generator=generator, arms=["real", "synthetic_only"])
+        lines: list[str] = []
+        run_study(load_study_config(path), root / "study", workers=workers, threads=1, progress=False, log=lines.append)
+        assert ("study: 2 generators side by side" in lines) == (workers == 2), lines
+        digests.append({p.relative_to(root / "study").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted((root / "study" / "generators").glob("*/synthetic/images/*"))})
+    assert len(digests[0]) == 8 + 32 and digests[0] == digests[1]  # budget 2 (8 pairs) and all (32 pairs)

@@ -378,3 +378,21 @@ def test_adversary_on_the_joint_image_trains(dataset, tmp_path):
     first = next(k for k in ckpt["modules"]["disc"] if k.endswith("original"))
     assert ckpt["modules"]["disc"][first].shape[1] == 4     # 1 micrograph + 3 mask channels
     assert ckpt["optimizers"]["disc"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.05)  # cosine end
+
+
+def test_deterministic_key_turns_on_deterministic_kernels_and_changes_no_cpu_result(dataset, tmp_path):
+    # on a GPU, atomics-based kernels made two identical paper-preset runs differ (docs/benchmarks.md); the key
+    # switches torch to deterministic kernels. On a CPU the weights are the same either way.
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        train_vqvae(dataset, tmp_path / "plain", tiny_config(steps=4), device="cpu", progress=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        train_vqvae(dataset, tmp_path / "det", tiny_config(steps=4, deterministic=True), device="cpu", progress=False)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    a = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "det/checkpoints/last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "deterministic: true" in (tmp_path / "det" / "config.yaml").read_text()

@@ -35,6 +35,10 @@ class TrainingConfig(StrictModel):
         "auto", description="mixed precision of training steps: auto (CUDA bf16/fp16; bf16 on CPUs that have it in "
         "hardware), fp32, or bf16"
     )
+    deterministic: bool = Field(
+        False, description="deterministic kernels: on CUDA a rerun or a resume then gives the same weights to the "
+        "last bit (slower; CPU runs are deterministic anyway)"
+    )
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -140,6 +140,17 @@ class Plateau:
             s["stopped"] = True
 
 
+def use_deterministic_kernels(device: torch.device) -> None:
+    """Only deterministic kernels from here on in this process (CUDA's atomics-based ones, e.g. in scatter/index
+    adds, otherwise make two identical runs differ; cuBLAS needs a fixed workspace for it). Ops that have no
+    deterministic kernel warn instead of failing."""
+    import os
+
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class Engine:
     """One training loop: see the module docstring.
 
@@ -163,6 +174,7 @@ class Engine:
         checkpoint_extra: Callable[[], Mapping[str, Any]] | None = None,
         run_config: Mapping[str, Any] | None = None,
         precision: str = "auto",
+        deterministic: bool = False,
     ):
         self.run = run
         self.device = device
@@ -178,6 +190,8 @@ class Engine:
         self.checkpoint_extra = checkpoint_extra or (lambda: {})
         self.run_config = dict(run_config or {})
         self.precision = precision
+        if deterministic:
+            use_deterministic_kernels(device)
         self.items_seen = 0
         self._t0 = time.perf_counter()
 

@@ -162,6 +162,10 @@ class TileCache:
 def paper_augmentation(channels: int):
     """The §5.3 baseline: CLAHE, brightness/contrast, gamma, sharpen, blurs, Gauss noise, hue/saturation
     (Albumentations, grouped as in the smp example notebook the paper adapted). Grey images skip the colour op."""
+    import os
+
+    # Albumentations asks PyPI for its latest version when imported; nothing here may touch the network
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import albumentations as A
 
     colour = [A.HueSaturationValue(p=1)] if channels == 3 else []

@@ -261,7 +261,7 @@ def train_segmentation(
     engine = Engine(
         run, dev, models={"unet": model}, optimizers={"main": adam(model.parameters(), config.lr)},
         seed=config.seed, total=config.steps if stepped else config.epochs, unit=unit, first=0 if stepped else 1,
-        state={"lr": config.lr}, run_config=run_config, precision=config.precision,
+        state={"lr": config.lr}, run_config=run_config, precision=config.precision, deterministic=config.deterministic,
     )
     if resume:
         engine.resume()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dualsynth.data import DatasetFolder
+from dualsynth.errors import InputError
 from dualsynth.io import read_csv, save_figure, write_csv
 from dualsynth.study.config import StudyConfig
 from dualsynth.study.plan import EVALUATION, plan_budgets, run_dir
@@ -144,26 +145,37 @@ def label_report(config: StudyConfig, out: str | Path) -> dict[str, Path]:
     for base, blist in budgets.items():
         for (budget, images), (nxt, nxt_images) in zip(blist, blist[1:]):
             target = ev.select(base, nxt, "real")
-            for arm in arms:
-                if arm == "real" or not target or not ev.select(base, budget, arm):
+            rows_here: list[dict[str, Any]] = []
+            for arm in arms:  # real first: the control (do more labels help real only at all?)
+                if not target or not ev.select(base, budget, arm):
                     continue
                 iv = ev.difference(ev.select(base, budget, arm), target, "missing_class_iou")
-                saved.append({"base": base, "budget": budget, "images": images, "arm": arm, "next_budget": nxt,
-                              "next_images": nxt_images, "difference": iv.mean, "low": iv.low, "high": iv.high,
-                              "matches": bool(iv.units and iv.high >= 0), "units": iv.units})
+                rows_here.append({"base": base, "budget": budget, "images": images, "arm": arm, "next_budget": nxt,
+                                  "next_images": nxt_images, "difference": iv.mean, "low": iv.low, "high": iv.high,
+                                  "matches": bool(iv.units and iv.high >= 0), "units": iv.units})
+            control = next((r["matches"] for r in rows_here if r["arm"] == "real"), None)
+            saved += [{**r, "real_matches_too": control} for r in rows_here]
     write_csv(paths["labels_saved"], saved, ["base", "budget", "images", "arm", "next_budget", "next_images",
-                                             "difference", "low", "high", "matches", "units"])
+                                             "difference", "low", "high", "matches", "real_matches_too", "units"])
     if levels:
         for metric, name in (("missing_class_iou", EFFICIENCY_FIGURE), ("mean_image_miou", MIOU_FIGURE)):
             paths[metric] = out / name
             draw_efficiency_figure(paths[metric], budgets, arms, levels, metric)
     pair = comparison_pair(config, ev, budgets, levels)
+    comparison_note = ""
     if pair is not None:
-        paths["comparison"] = out / COMPARISON_FIGURE
-        draw_comparison(paths["comparison"], config, ev, *pair)
+        figure = out / COMPARISON_FIGURE
+        try:
+            draw_comparison(figure, config, ev, *pair)
+        except InputError as exc:  # a compared run's checkpoint was deleted (U-Net checkpoints are large)
+            comparison_note = (f"not redrawn by this build ({exc.one_line()}); "
+                               + ("the figure is the one drawn before." if figure.is_file() else "no figure."))
+        if figure.is_file():
+            paths["comparison"] = figure
     from dualsynth.io import write_text
 
-    write_text(paths["report"], _report_md(config, out, ev, budgets, arms, levels, diffs, saved, paths, pair, matching))
+    write_text(paths["report"], _report_md(config, out, ev, budgets, arms, levels, diffs, saved, paths, pair, matching,
+                                           comparison_note))
     return paths
 
 
@@ -282,7 +294,7 @@ def _fidelity_lines(config: StudyConfig, out: Path) -> list[str]:
 
 def _report_md(config: StudyConfig, out: Path, ev: Evidence, budgets: dict, arms: list[str], levels: dict,
                diffs: list[dict], saved: list[dict], paths: dict[str, Path], pair: tuple[Run, Run] | None,
-               matching: str) -> str:
+               matching: str, comparison_note: str = "") -> str:
     n_runs = len(ev.runs)
     from dualsynth.study.plan import plan_runs
 
@@ -306,7 +318,9 @@ def _report_md(config: StudyConfig, out: Path, ev: Evidence, budgets: dict, arms
         return "\n".join(lines + ["No run has finished yet.", ""])
     lines += ["## Labels saved", "", _headline(saved), ""]
     lines += ["Each arm at a budget against real only at the next larger budget (test Missing Class IoU, "
-              "points; it matches when the 95 % interval of the difference contains or exceeds 0):", "",
+              "points; it matches when the 95 % interval of the difference contains or exceeds 0). The `real` row "
+              "is the control: where real only also matches real only with more images, more labels did not "
+              "measurably help, and a match of the other arms there shows no saving:", "",
               "| base | arm | images | vs real only with | difference [95 % interval] | matches |", "|---|---|---:|---:|---|---|"]
     for s in saved:
         iv = Interval(s["difference"], s["low"], s["high"], s["units"])
@@ -363,9 +377,11 @@ def _report_md(config: StudyConfig, out: Path, ev: Evidence, budgets: dict, arms
                   "The per-image mIoU averages each test tile's mIoU: stray pixels of a class a tile lacks count "
                   "against it, which the pooled mIoU hides.", ""]
     if pair is not None:
-        lines += [f"![{pair[0].arm} vs {pair[1].arm}]({COMPARISON_FIGURE})", "",
-                  f"Figure 20-style: `{pair[0].name}` against `{pair[1].name}` on the test tiles where their "
-                  "per-image Missing Class IoU differs most (config keys `compare`, `compare_budget`).", ""]
+        if "comparison" in paths:
+            lines += [f"![{pair[0].arm} vs {pair[1].arm}]({COMPARISON_FIGURE})", ""]
+        lines += [f"Figure 20-style: `{pair[0].name}` against `{pair[1].name}` on the test tiles where their "
+                  "per-image Missing Class IoU differs most (config keys `compare`, `compare_budget`)"
+                  + (f"; {comparison_note}" if comparison_note else "."), ""]
     lines += ["Files: `results.csv` (one row per run and metric), `differences.csv`, `labels_saved.csv`, "
               "`budgets/NAME/` (each budget's dataset), `generators/NAME/` (its VQ-VAE, prior, synthetic set, "
               "fidelity), `runs/NAME/` (U-Nets; `evaluation/per_image.csv` holds the per-tile scores).", ""]
@@ -373,15 +389,26 @@ def _report_md(config: StudyConfig, out: Path, ev: Evidence, budgets: dict, arms
 
 
 def _headline(saved: list[dict]) -> str:
-    """'labels saved': the smallest budget at which real + synthetic matches real only at the next budget."""
-    hits = sorted((s for s in saved if s["arm"].startswith("synthetic-") and s["matches"]),
-                  key=lambda s: (s["images"], -s["difference"]))
+    """'labels saved': the smallest budget at which real + synthetic matches real only at the next budget while
+    real only at that budget does not (the control: otherwise more labels did not help and nothing was saved)."""
     if not saved or not any(s["arm"].startswith("synthetic-") for s in saved):
         return "**Labels saved: not measured** (needs the real and synthetic arms at two or more budgets)."
-    if not hits:
-        return ("**Labels saved: none.** At no budget did real + synthetic tiles match real only at the next "
-                "larger budget (the 95 % interval of the difference lies below 0 everywhere).")
-    s = hits[0]
-    return (f"**Labels saved: {s['next_images'] - s['images']}** ({s['base']}): with {s['images']} labelled images, "
-            f"real + synthetic ({s['arm']}) matches real only with {s['next_images']} images: difference "
-            f"{_signed(s['difference'])} points, 95 % interval [{_signed(s['low'])}, {_signed(s['high'])}].")
+    matched = sorted((s for s in saved if s["arm"].startswith("synthetic-") and s["matches"]),
+                     key=lambda s: (s["images"], -s["difference"]))
+    hits = [s for s in matched if s.get("real_matches_too") is False]
+    if hits:
+        s = hits[0]
+        return (f"**Labels saved: {s['next_images'] - s['images']}** ({s['base']}): with {s['images']} labelled "
+                f"images, real + synthetic ({s['arm']}) matches real only with {s['next_images']} images: difference "
+                f"{_signed(s['difference'])} points, 95 % interval [{_signed(s['low'])}, {_signed(s['high'])}], "
+                f"while real only with {s['images']} images does not.")
+    if matched:
+        s = matched[0]
+        c = next(r for r in saved if r["arm"] == "real" and r["base"] == s["base"] and r["budget"] == s["budget"])
+        return (f"**Labels saved: not shown** ({s['base']}). Real + synthetic ({s['arm']}) with {s['images']} images "
+                f"matches real only with {s['next_images']} images ({_signed(s['difference'])} points, "
+                f"[{_signed(s['low'])}, {_signed(s['high'])}]), but so does real only with {s['images']} images "
+                f"({_signed(c['difference'])}, [{_signed(c['low'])}, {_signed(c['high'])}]): more labels did not "
+                "measurably help here, so matching them shows no saving.")
+    return ("**Labels saved: none.** At no budget did real + synthetic tiles match real only at the next "
+            "larger budget (the 95 % interval of the difference lies below 0 everywhere).")

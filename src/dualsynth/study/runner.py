@@ -163,7 +163,7 @@ def _train_runs(config: StudyConfig, out: Path, runs: list[StudyRun], seg_config
         for i, job in enumerate(jobs, 1):
             report(i, run_one(job, *args, threads=threads, progress=progress))
     else:
-        _run_processes(jobs, args, workers, threads, report)
+        _run_processes(run_one, jobs, args, workers, threads, report)
 
     paths = write_study_outputs(config, out)
     failed = [r for r in results if "error" in r]
@@ -252,12 +252,16 @@ def _run_label_study(config: StudyConfig, out: Path, workers: int | None, backen
 
     jobs = [asdict(b) for b in todo]
     args = (config.generator.model_dump(mode="json"), config.device)
+    gen_workers = min(len(jobs), workers if workers is not None else study_workers(len(jobs), config.device))
+    for job in jobs:
+        log(f"generator {job['name']}: training on {len(job['sources'])} images ({job['tiles']} tiles)")
     if jobs and backend == "ray":
         _run_ray(run_generator, jobs, args, address, config, report, stages=stages)
+    elif gen_workers > 1:
+        log(f"study: {gen_workers} generators side by side")
+        _run_processes(run_generator, jobs, args, gen_workers, threads, report, stages=stages)
     else:
         for i, job in enumerate(jobs, 1):
-            log(f"[generator {i}/{len(todo)}] {job['name']}: training on {len(job['sources'])} images "
-                f"({job['tiles']} tiles)")
             report(i, run_generator(job, *args, threads=threads, progress=progress, stages=stages))
     failed = [r for r in results if "error" in r]
     if failed:
@@ -300,7 +304,10 @@ def study_workers(jobs: int, device: str = "auto") -> int:
     return max(1, min(jobs, auto_threads()))
 
 
-def _run_processes(jobs: list[dict], args: tuple, workers: int, threads: int | None, report: Callable) -> None:
+def _run_processes(fn: Callable, jobs: list[dict], args: tuple, workers: int, threads: int | None, report: Callable,
+                   **kwargs: Any) -> None:
+    """Each job as `fn(job, *args, threads, False, **kwargs)` in a pool of `workers` spawned processes that end
+    with this one (a study run or a generator)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -310,7 +317,7 @@ def _run_processes(jobs: list[dict], args: tuple, workers: int, threads: int | N
     threads = threads or auto_threads(workers)
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=exit_with_parent) as pool:
-        futures = [pool.submit(run_one, job, *args, threads, False) for job in jobs]
+        futures = [pool.submit(fn, job, *args, threads, False, **kwargs) for job in jobs]
         for i, fut in enumerate(as_completed(futures), 1):
             report(i, fut.result())
 

@@ -369,7 +369,7 @@ def train_prior(
     engine = Engine(
         run, dev, models={"prior": model}, optimizers={"main": adam(model.parameters(), config.lr)},
         seed=config.seed, total=config.steps, unit="step", checkpoint_extra=lambda: extra, run_config=run_config,
-        precision=config.precision,
+        precision=config.precision, deterministic=config.deterministic,
     )
     if resume:
         engine.resume()

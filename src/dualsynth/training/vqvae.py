@@ -300,7 +300,7 @@ def train_vqvae(
     engine = Engine(
         run, dev, models=models, optimizers=optimizers,
         seed=config.seed, total=config.steps, unit="step", state={"history": []}, run_config=run_config,
-        precision=config.precision,
+        precision=config.precision, deterministic=config.deterministic,
     )
     if resume:
         engine.resume()
