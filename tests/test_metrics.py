@@ -281,3 +281,29 @@ def test_against_monai_ignore_empty(c, n, seed):
     theirs = batch_metric.aggregate().numpy()
     # MONAI reports 0 for a class no image contains; we report nan (undefined)
     assert np.allclose(np.nan_to_num(per_class, nan=0.0), theirs)
+
+
+def test_trivial_prediction_names_a_model_that_predicts_one_class():
+    from dualsynth.metrics import format_scores, trivial_prediction
+
+    truth = np.zeros((10, 10), int)
+    truth[:3] = 1  # 30 % of class "oxide"
+    scores = SegmentationScores(2, ["background", "oxide"])
+    scores.update(np.zeros_like(truth), truth)  # all background: the trivial solution
+    s = scores.summary()
+    assert s["predicted_fraction"] == {"background": 1.0, "oxide": 0.0}
+    assert s["true_fraction"] == {"background": 0.7, "oxide": pytest.approx(0.3)}
+    warning = trivial_prediction(s)
+    assert warning.startswith("the model predicts 'background' for 100.0 % of the pixels (truth: 70.0 %)")
+    assert "warning: the model predicts 'background'" in format_scores(s, ["background", "oxide"])
+    # a model that finds the other class, even badly, is not trivial
+    good = SegmentationScores(2, ["background", "oxide"])
+    pred = np.zeros_like(truth)
+    pred[:1] = 1
+    good.update(pred, truth)
+    assert trivial_prediction(good.summary()) is None and "warning" not in format_scores(good.summary(), ["background", "oxide"])
+    # a truth of one class predicted as that class is right, not trivial; old summaries have no shares
+    only = SegmentationScores(2, ["background", "oxide"])
+    only.update(np.zeros_like(truth), np.zeros_like(truth))
+    assert trivial_prediction(only.summary()) is None
+    assert trivial_prediction({"miou": 0.5}) is None

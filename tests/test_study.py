@@ -622,3 +622,21 @@ def test_generators_train_side_by_side_with_the_same_result_as_one_after_another
         digests.append({p.relative_to(root / "study").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                         for p in sorted((root / "study" / "generators").glob("*/synthetic/images/*"))})
     assert len(digests[0]) == 8 + 32 and digests[0] == digests[1]  # budget 2 (8 pairs) and all (32 pairs)
+
+
+def test_report_names_runs_that_learned_nothing(tmp_path):
+    from dualsynth.study.report import trivial_section
+
+    def summary(name, pred):
+        folder = tmp_path / "runs" / name / "evaluation"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({
+            "predicted_fraction": {"background": pred, "oxide": 1 - pred}, "true_fraction": {"background": 0.8, "oxide": 0.2}}))
+
+    summary("HQ-all-real-seed0", 0.999)  # all background but for stray pixels
+    summary("HQ-all-real-seed1", 0.85)
+    (tmp_path / "runs" / "HQ-all-real-seed2").mkdir()  # unfinished: no evaluation
+    lines = trivial_section(tmp_path, ["HQ-all-real-seed0", "HQ-all-real-seed1", "HQ-all-real-seed2"])
+    assert lines[1] == "## Runs that learned nothing" and "1 of 3 finished runs" in lines[3]
+    assert lines[-1].startswith("- `HQ-all-real-seed0`: the model predicts 'background' for 99.9 % of the pixels (truth: 80.0 %)")
+    assert trivial_section(tmp_path, ["HQ-all-real-seed1"]) == []

@@ -235,7 +235,33 @@ class SegmentationScores:
             "iou_per_class": {c: float(v) for c, v in zip(self.class_names, iou)},
             "missing_class_iou_per_class": {c: float(v) for c, v in zip(self.class_names, mci_per_class)},
             "images_with_class": {c: int(v) for c, v in zip(self.class_names, images_with_class)},
+            # pooled pixel shares: what the model predicts against what the truth holds (trivial_prediction)
+            "predicted_fraction": {c: float(v) for c, v in zip(self.class_names, _shares(self.confusion.sum(axis=0)))},
+            "true_fraction": {c: float(v) for c, v in zip(self.class_names, _shares(self.confusion.sum(axis=1)))},
         }
+
+
+TRIVIAL_SHARE = 0.995
+
+
+def _shares(counts: np.ndarray) -> np.ndarray:
+    total = counts.sum()
+    return counts / total if total else np.full(len(counts), np.nan)
+
+
+def trivial_prediction(summary: dict[str, Any], share: float = TRIVIAL_SHARE) -> str | None:
+    """One line when a model predicts (almost) only one class while the truth holds others: the trivial solution
+    a U-Net can settle in on imbalanced data (e.g. all background), which a Missing Class IoU near the class's
+    share hides. None otherwise, and for summaries written before these shares were recorded."""
+    pred, true = summary.get("predicted_fraction"), summary.get("true_fraction")
+    if not pred or not true:
+        return None
+    name = max(pred, key=lambda c: -1.0 if pred[c] is None else pred[c])
+    p, t = pred[name], true.get(name)
+    if p is None or t is None or p < share or t >= share:
+        return None
+    return (f"the model predicts '{name}' for {100 * p:.1f} % of the pixels (truth: {100 * t:.1f} %): it has "
+            "learned none of the other classes (the trivial solution)")
 
 
 def format_scores(summary: dict[str, Any], class_names: Sequence[str]) -> str:
@@ -254,4 +280,7 @@ def format_scores(summary: dict[str, Any], class_names: Sequence[str]) -> str:
               f"mIoU (dataset)      {pct(summary['miou']):>6} %",
               f"mIoU (per image)    {pct(summary['mean_image_miou']):>6} %",
               f"Missing Class IoU   {pct(summary['missing_class_iou']):>6} %"]
+    trivial = trivial_prediction(summary)
+    if trivial:
+        lines.append(f"warning: {trivial}")
     return "\n".join(lines)

@@ -337,6 +337,9 @@ def _report_md(config: StudyConfig, out: Path, ev: Evidence, budgets: dict, arms
                 cells = [_interval(levels[key + (m,)]) for m in STAT_METRICS]
                 lines.append(f"| {base} | {images}{' (all)' if budget == 'all' else ''} | {arm} | "
                              f"{levels[key + ('missing_class_iou',)].units} | " + " | ".join(cells) + " |")
+    from dualsynth.study.report import trivial_section
+
+    lines += trivial_section(out, sorted(ev.runs))
     lines += ["", "## Each arm against real only at the same budget", "",
               "Mean difference in points, paired by test tile and (image draw, seed), with its bootstrap 95 % "
               "interval; the verdict reads the interval only (above 0: helps, below 0: hurts, else no evidence).", "",

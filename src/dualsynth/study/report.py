@@ -123,8 +123,36 @@ def write_study_outputs(config: StudyConfig, out: str | Path) -> dict[str, Path]
         if class_names:
             paths["per_class"] = out / PER_CLASS_FIGURE
             draw_per_class_figure(paths["per_class"], rows, class_names, reference_tiles)
-    write_text(paths["report"], study_report(config, rows, class_names, paths) + fidelity_section(config, out))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    write_text(paths["report"], study_report(config, rows, class_names, paths)
+               + "\n".join(trivial_section(out, runs) + [""]) + fidelity_section(config, out))
     return paths
+
+
+def trivial_runs(out: Path, names: list[str]) -> list[tuple[str, str]]:
+    """(run, warning) for every finished run whose test predictions are (almost) one class (metrics.trivial_prediction)."""
+    from dualsynth.metrics import trivial_prediction
+
+    found = []
+    for name in names:
+        path = run_dir(out, name) / EVALUATION / "summary.json"
+        if path.is_file():
+            warning = trivial_prediction(json.loads(path.read_text()))
+            if warning:
+                found.append((name, warning))
+    return found
+
+
+def trivial_section(out: Path, names: list[str]) -> list[str]:
+    """Report lines naming the runs that learned nothing (empty when there are none)."""
+    found = trivial_runs(out, names)
+    if not found:
+        return []
+    head = ["", "## Runs that learned nothing", "",
+            f"{len(found)} of {len(names)} finished runs predict (almost) only one class on the test tiles, the "
+            "trivial solution; their scores measure the class balance of the test set, not the training data. "
+            "Longer training, other crops or normalisation may avoid it (docs/results.md, nasa-ebc).", ""]
+    return head + [f"- `{name}`: {warning}" for name, warning in found]
 
 
 def fidelity_line(path: Path) -> str:
