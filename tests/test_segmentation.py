@@ -150,7 +150,7 @@ def test_train_seg_writes_run_and_loss_falls(trained):
 
 def test_resume_equals_uninterrupted(tmp_path):
     real = squares_dataset(tmp_path / "real")
-    config = tiny_config(epochs=3, flips=True, augment="paper")
+    config = tiny_config(epochs=3, flips=True, augment="paper", crop_foreground=0.5)
     train_segmentation(real, tmp_path / "a", config, progress=False)
     train_segmentation(real, tmp_path / "b", config, progress=False, stop_after=1)
     assert len(read_csv(tmp_path / "b" / "log.csv")) == 1
@@ -591,3 +591,30 @@ def test_the_paper_augmentation_does_not_touch_the_network():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-800:]
     assert out.stdout.strip() == "0", out.stderr[-800:]
+
+
+def test_foreground_crops_are_centred_on_minority_pixels_and_off_by_default(tmp_path):
+    from dualsynth.segmentation.data import TileCache
+
+    # 64 px tiles, background everywhere but one 4x4 object in a corner: uniform 16 px crops rarely see it
+    with DatasetWriter(tmp_path / "d", CLASSES[:2]) as writer:
+        for n in range(4):
+            mask = np.zeros((64, 64), np.uint8)
+            mask[2:6, 55:59] = 1
+            writer.add(f"t{n}", np.random.default_rng(n).random((64, 64)).astype(np.float32), mask, "train", f"s{n}")
+    folder = DatasetFolder(tmp_path / "d")
+    cache = TileCache([(folder, r) for r in folder.records(split="train")])
+    assert cache.majority_class(2) == 0
+    steps = range(25)
+    uniform = [tile_batch(cache, [0, 1, 2, 3], 16, False, None, seed=0, epoch=e)[1] for e in steps]
+    always = [tile_batch(cache, [0, 1, 2, 3], 16, False, None, seed=0, epoch=e, foreground=(1.0, 0))[1] for e in steps]
+    half = [tile_batch(cache, [0, 1, 2, 3], 16, False, None, seed=0, epoch=e, foreground=(0.5, 0))[1] for e in steps]
+
+    def hit_rate(batches):
+        return float(np.mean([bool((m == 1).any()) for b in batches for m in b.numpy()]))
+
+    assert hit_rate(always) == 1.0  # every crop holds the object, centred as far as the tile edge allows
+    assert hit_rate(uniform) < 0.2 and 0.3 < hit_rate(half) < 0.8
+    # probability 0 is the uniform crop, bit for bit (old runs keep their batches)
+    zero = [tile_batch(cache, [0, 1, 2, 3], 16, False, None, seed=0, epoch=e, foreground=(0.0, 0))[1] for e in steps]
+    assert all(torch.equal(a, b) for a, b in zip(zero, uniform))

@@ -158,6 +158,11 @@ class TileCache:
     def smallest_side(self) -> int:
         return min(min(self[i][1].shape) for i in range(len(self)))
 
+    def majority_class(self, num_classes: int) -> int:
+        """The class with the most pixels over every tile (ties: the lowest index)."""
+        counts = sum(np.bincount(self[i][1].ravel(), minlength=num_classes) for i in range(len(self)))
+        return int(np.argmax(counts))
+
 
 def paper_augmentation(channels: int):
     """The §5.3 baseline: CLAHE, brightness/contrast, gamma, sharpen, blurs, Gauss noise, hue/saturation
@@ -248,15 +253,31 @@ def _shift(rng: np.random.Generator, low: int, high: int, size: int) -> int:
     return int(rng.integers(min(a, b), max(a, b) + 1))
 
 
+def _foreground_crop(rng: np.random.Generator, mask: np.ndarray, crop: int, probability: float,
+                     majority: int) -> tuple[int, int] | None:
+    """With `probability`, the corner of a crop centred (as far as the tile allows) on a random pixel whose class
+    is not `majority`; None otherwise or when the tile has no such pixel."""
+    if rng.random() >= probability:
+        return None
+    ys, xs = np.nonzero(mask != majority)
+    if not len(ys):
+        return None
+    k = int(rng.integers(len(ys)))
+    y = min(max(int(ys[k]) - crop // 2, 0), mask.shape[0] - crop)
+    x = min(max(int(xs[k]) - crop // 2, 0), mask.shape[1] - crop)
+    return y, x
+
+
 def tile_batch(
     cache: TileCache, indices: Sequence[int], crop: int | None, flips: bool, augmenter: Any, seed: int, epoch: int,
-    copy_paste: CopyPaste | None = None,
+    copy_paste: CopyPaste | None = None, foreground: tuple[float, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training batch of these tile indices: random crop, copy-paste, flips/rotations, photometric augmentation.
 
     Randomness comes from (seed, epoch, tile index) (in step mode `epoch` is the step), so a batch does not
     depend on what ran before it. Copy-paste draws from its own generator, so crops and flips are those of the
-    same batch without it.
+    same batch without it. `foreground` = (probability, majority class): that share of the crops is centred on a
+    random pixel of another class (its own generator too; tiles without such pixels get a uniform crop).
     """
     images, masks = [], []
     for i in indices:
@@ -265,6 +286,9 @@ def tile_batch(
         if crop is not None:
             y = int(rng.integers(0, mask.shape[0] - crop + 1))
             x = int(rng.integers(0, mask.shape[1] - crop + 1))
+            if foreground is not None:
+                y, x = _foreground_crop(np.random.default_rng([int(seed), int(epoch), int(i), 3]), mask, crop,
+                                        *foreground) or (y, x)
             image, mask = image[y : y + crop, x : x + crop], mask[y : y + crop, x : x + crop]
         if copy_paste is not None:
             image, mask, _ = copy_paste(int(i), image, mask, np.random.default_rng([int(seed), int(epoch), int(i), 2]))

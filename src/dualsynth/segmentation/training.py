@@ -51,6 +51,11 @@ class SegTrainConfig(TrainingConfig):
     crop: int | None = Field(
         None, ge=8, description="train on random square crops of this side (at most the tile size); None: whole tiles"
     )
+    crop_foreground: float = Field(
+        0.0, ge=0, le=1, description="with crop: probability that a crop is centred on a random pixel of a class other "
+        "than the training set's most common one (nnU-Net's foreground oversampling, 0.33 there; against the "
+        "all-background trivial solution on imbalanced sets); 0: every crop uniformly placed"
+    )
     flips: bool = Field(False, description="random flips and 90-degree rotations of training tiles")
     augment: Literal["none", "paper", "copy_paste"] = Field(
         "none", description="paper: the Albumentations baseline of §5.3; copy_paste: objects of real training tiles "
@@ -239,6 +244,8 @@ def train_segmentation(
         check_encoder_weights(weights, config.model.encoder)
     train_cache, val_cache = TileCache(data.train), TileCache(data.val)
     crop = None if config.crop is None else min(config.crop, train_cache.smallest_side())
+    foreground = ((config.crop_foreground, train_cache.majority_class(len(data.classes)))
+                  if crop is not None and config.crop_foreground > 0 else None)
     augmenter = paper_augmentation(data.in_channels) if config.augment == "paper" else None
     # donors are the real tiles only (they come first in the cache): synthetic labels are never pasted
     copy_paste = (CopyPaste(train_cache, len(data.real), len(data.classes), config.copy_paste_prob)
@@ -274,7 +281,7 @@ def train_segmentation(
 
     def update(idx: np.ndarray, key: int) -> float:
         """One optimizer update on the tiles `idx`; `key` (the epoch, or the step) seeds their augmentation."""
-        x, y = tile_batch(train_cache, idx, crop, config.flips, augmenter, config.seed, key, copy_paste)
+        x, y = tile_batch(train_cache, idx, crop, config.flips, augmenter, config.seed, key, copy_paste, foreground)
         x, y = x.to(dev, memory_format=layout), y.to(dev)
         with engine.autocast():
             logits = model(x)
