@@ -618,3 +618,36 @@ def test_foreground_crops_are_centred_on_minority_pixels_and_off_by_default(tmp_
     # probability 0 is the uniform crop, bit for bit (old runs keep their batches)
     zero = [tile_batch(cache, [0, 1, 2, 3], 16, False, None, seed=0, epoch=e, foreground=(0.0, 0))[1] for e in steps]
     assert all(torch.equal(a, b) for a, b in zip(zero, uniform))
+
+
+class _Constant(torch.nn.Module):
+    """A 'U-Net' that calls every pixel class 0."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], self.classes, *x.shape[2:])
+        logits[:, 0] = 1.0
+        return logits + 0 * self.dummy
+
+
+def test_validation_names_the_trivial_solution_and_train_seg_warns(tmp_path, capsys, monkeypatch):
+    from dualsynth.segmentation import training as seg_training
+    from dualsynth.segmentation.training import make_loss, validate
+
+    real = squares_dataset(tmp_path / "real")
+    folder = DatasetFolder(real)
+    cache = TileCache([(folder, r) for r in folder.records(split="val")])
+    names = [c.name for c in CLASSES]
+    scores = validate(_Constant(3), cache, make_loss("cross_entropy"), 4, torch.device("cpu"), names)
+    assert scores["trivial"].startswith("the model predicts 'background' for 100.0 % of the pixels")
+    # the warning of the best validation reaches the command line (forced here: a tiny U-Net is rarely trivial)
+    monkeypatch.setattr(seg_training, "trivial_prediction", lambda s: "the model predicts 'background' (forced)")
+    code, out, err = run_cli(["train-seg", "--train", real, "--out", tmp_path / "run", "--steps", "2", *TINY_SET], capsys)
+    assert code == 0, err
+    assert "warning: on the validation tiles the model predicts 'background' (forced); try longer training" in out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["best_trivial"] == "the model predicts 'background' (forced)"

@@ -524,6 +524,9 @@ def train_seg(train_dir, val_dir, synthetic_dir, synthetic_percent, synthetic_on
     best, unit = summary["best"], summary["unit"]
     click.echo(f"{how} after {summary[f'{unit}s_done']} {unit}s; best validation {summary['monitor']} "
                f"{'-' if best != best else f'{100 * best:.1f} %'} at {unit} {summary[f'best_{unit}']}")
+    if summary.get("best_trivial"):
+        click.echo(f"warning: on the validation tiles {summary['best_trivial']}; try longer training, larger crops, "
+                   "crop_foreground or model.normalize: none")
     click.echo(f"run folder: {out} (checkpoints/best.pt, log.csv, learning_curve.png, manifest.json)")
 
 

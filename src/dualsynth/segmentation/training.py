@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from dualsynth.config import TrainingConfig, amp_dtype, apply_threads, autocast, resolve_device
 from dualsynth.engine import Engine, adam, Plateau, epoch_batches, step_batch
 from dualsynth.io import progress_bar, read_csv, save_figure
-from dualsynth.metrics import SegmentationScores
+from dualsynth.metrics import SegmentationScores, trivial_prediction
 from dualsynth.runs import RunFolder
 from dualsynth.segmentation.data import (
     CopyPaste,
@@ -197,7 +197,7 @@ def validate(model: torch.nn.Module, cache: TileCache, loss_fn: Callable, batch_
                 scores.update(pred, truth)
     s = scores.summary()
     return {"val_loss": total_loss / max(tiles, 1), "val_accuracy": s["pixel_accuracy"], "val_miou": s["miou"],
-            "val_missing_class_iou": s["missing_class_iou"]}
+            "val_missing_class_iou": s["missing_class_iou"], "trivial": trivial_prediction(s)}
 
 
 def train_segmentation(
@@ -289,6 +289,8 @@ def train_segmentation(
         engine.optimize(loss)
         return float(loss.detach())
 
+    trivial: dict[str, str | None] = {"last": None}  # the last validation's trivial_prediction line
+
     def epoch_fn(epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         engine.set_lr(engine.state["lr"])
@@ -300,6 +302,7 @@ def train_segmentation(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
         scores = validate(model, val_cache, loss_fn, config.val_batch_size, dev, class_names)
+        trivial["last"] = scores.pop("trivial")
         return {"epoch": epoch, "train_loss": float(np.mean(losses)), **scores, "lr": engine.state["lr"],
                 "seconds": time.perf_counter() - t0}
 
@@ -316,6 +319,7 @@ def train_segmentation(
         t1 = time.perf_counter()
         means = engine.window_means()
         scores = validate(model, val_cache, loss_fn, config.val_batch_size, dev, class_names)
+        trivial["last"] = scores.pop("trivial")
         return {"step": done, "train_loss": means["train_loss"], **scores, "lr": engine.state["lr"],
                 "seconds": means["seconds"] * window + time.perf_counter() - t1}
 
@@ -323,7 +327,10 @@ def train_segmentation(
         if row is None:
             return None
         value = row[monitor_key]
-        plateau.update(engine, engine.keep_if_best(value, "max", **{config.monitor: value}))
+        improved = engine.keep_if_best(value, "max", **{config.monitor: value})
+        if improved:  # in the checkpointed state: a resumed run still knows whether its best.pt is trivial
+            engine.state["best_trivial"] = trivial["last"]
+        plateau.update(engine, improved)
         engine.log(row)
         if on_epoch is not None:
             on_epoch(row)
@@ -339,7 +346,7 @@ def train_segmentation(
     best = engine.state["best"]
     summary = {"run": str(run.path), "unit": unit, f"{unit}s_done": engine.done, "finished": engine.finished,
                "stopped_early": bool(engine.state["stopped"]), f"best_{unit}": engine.state["best_at"],
-               "monitor": config.monitor, "best": best}
+               "monitor": config.monitor, "best": best, "best_trivial": engine.state.get("best_trivial")}
     run.write_manifest(inputs, device=str(dev), precision=engine.amp_name, threads=torch.get_num_threads(), **{k: v for k, v in summary.items() if k != "run"})
     return summary
 
