@@ -289,8 +289,6 @@ def train_segmentation(
         engine.optimize(loss)
         return float(loss.detach())
 
-    trivial: dict[str, str | None] = {"last": None}  # the last validation's trivial_prediction line
-
     def epoch_fn(epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         engine.set_lr(engine.state["lr"])
@@ -302,7 +300,6 @@ def train_segmentation(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
         scores = validate(model, val_cache, loss_fn, config.val_batch_size, dev, class_names)
-        trivial["last"] = scores.pop("trivial")
         return {"epoch": epoch, "train_loss": float(np.mean(losses)), **scores, "lr": engine.state["lr"],
                 "seconds": time.perf_counter() - t0}
 
@@ -319,17 +316,16 @@ def train_segmentation(
         t1 = time.perf_counter()
         means = engine.window_means()
         scores = validate(model, val_cache, loss_fn, config.val_batch_size, dev, class_names)
-        trivial["last"] = scores.pop("trivial")
         return {"step": done, "train_loss": means["train_loss"], **scores, "lr": engine.state["lr"],
                 "seconds": means["seconds"] * window + time.perf_counter() - t1}
 
     def after(number: int, row: dict[str, Any] | None) -> dict[str, Any] | None:
         if row is None:
             return None
-        value = row[monitor_key]
+        value, trivial = row[monitor_key], row.pop("trivial")  # the warning line is not a log.csv column
         improved = engine.keep_if_best(value, "max", **{config.monitor: value})
         if improved:  # in the checkpointed state: a resumed run still knows whether its best.pt is trivial
-            engine.state["best_trivial"] = trivial["last"]
+            engine.state["best_trivial"] = trivial
         plateau.update(engine, improved)
         engine.log(row)
         if on_epoch is not None:
