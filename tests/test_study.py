@@ -452,6 +452,8 @@ def test_labels_saved_headline_needs_the_real_only_control_to_fail():
     rows = [_saved("real", 2, 4, -6.0, -2.0, False), _saved("synthetic-100", 2, 4, -5.0, -1.0, False)]
     assert _headline(rows).startswith("**Labels saved: none.**")
     assert _headline([_saved("real", 2, 4, -6.0, -2.0, False)]).startswith("**Labels saved: not measured**")
+    # a partial study: real only at budget 2 has not finished, so there is no control row yet
+    assert _headline([_saved("synthetic-100", 2, 4, -1.0, 3.0, None)]).startswith("**Labels saved: not measured yet**")
 
 
 def test_bootstrap_known_answers():

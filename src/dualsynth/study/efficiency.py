@@ -405,8 +405,12 @@ def _headline(saved: list[dict]) -> str:
                 f"images, real + synthetic ({s['arm']}) matches real only with {s['next_images']} images: difference "
                 f"{_signed(s['difference'])} points, 95 % interval [{_signed(s['low'])}, {_signed(s['high'])}], "
                 f"while real only with {s['images']} images does not.")
-    if matched:
-        s = matched[0]
+    controlled = [s for s in matched if s.get("real_matches_too")]
+    if not controlled and matched:  # real only has not finished at that budget (a partial study)
+        return ("**Labels saved: not measured yet**: real + synthetic matches real only at the next budget, but "
+                "real only at the smaller budget (the control) has not finished.")
+    if controlled:
+        s = controlled[0]
         c = next(r for r in saved if r["arm"] == "real" and r["base"] == s["base"] and r["budget"] == s["budget"])
         return (f"**Labels saved: not shown** ({s['base']}). Real + synthetic ({s['arm']}) with {s['images']} images "
                 f"matches real only with {s['next_images']} images ({_signed(s['difference'])} points, "
