@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_threads.py
 	$(PY) benchmarks/bench_vqvae.py
 	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_prior_gate.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -180,3 +180,28 @@ def test_logits_at_matches_the_full_network(make, use_default):
             for j in range(9):
                 at = _Prior.logits_at(model, state, i, j) if use_default else model.logits_at(state, i, j)
                 torch.testing.assert_close(at, full[:, :, i, j], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["plain", "channels_last"])
+def test_gate_is_tanh_times_sigmoid_in_either_memory_layout(layout):
+    """The gate's two forms (two halves for plain tensors, one sigmoid over a channels-last tensor) are both
+    tanh(a) * sigmoid(b), with the same gradients, and the channels-last form stays channels-last."""
+    from dualsynth.models.prior import _gate
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
+    x.requires_grad_(True)
+    ref_x = x.detach().clone().contiguous().requires_grad_(True)
+    a, b = ref_x.chunk(2, dim=1)
+    ref = torch.tanh(a) * torch.sigmoid(b)
+    out = _gate(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(ref)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
