@@ -642,3 +642,13 @@ def test_report_names_runs_that_learned_nothing(tmp_path):
     assert lines[1] == "## Runs that learned nothing" and "1 of 3 finished runs" in lines[3]
     assert lines[-1].startswith("- `HQ-all-real-seed0`: the model predicts 'background' for 99.9 % of the pixels (truth: 80.0 %)")
     assert trivial_section(tmp_path, ["HQ-all-real-seed1"]) == []
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("study-*.yaml")))
+def test_every_shipped_study_config_loads(name):
+    """The study configs docs/results.md reproduces from validate (keys, arms, seg overrides)."""
+    config = load_study_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert config.seeds and config.test.split == "test"
+    if name == "study-nasa-ebc-learning.yaml":
+        assert config.seg.set == {"steps": 1500, "crop": 160, "model.normalize": "none"}
+        assert config.arms == ["real", "synthetic", "synthetic_only"]
