@@ -188,3 +188,61 @@ def test_a_run_from_an_older_version_resumes_when_new_keys_hold_their_defaults(t
             RunFolder.create(tmp_path / "run", changed, kind="test", resume=True, defaults=defaults)
     with pytest.raises(InputError, match="different config"):  # without defaults a new key is a difference
         RunFolder.create(tmp_path / "run", same, kind="test", resume=True)
+
+
+def test_checkpoint_seconds_writes_fewer_checkpoints_with_the_same_best_and_an_exact_resume(tmp_path, monkeypatch):
+    """With checkpoint_seconds, last.pt waits for the interval (here: never due within the run) and best.pt is
+    held in memory until last.pt: the files at the end equal those of a run that saved every time, and a run
+    stopped and resumed under the policy still ends with the straight run's weights."""
+    saves: list[str] = []
+    original = RunFolder.save_checkpoint
+
+    def counting(self, name, state):
+        saves.append(name)
+        return original(self, name, state)
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", counting)
+
+    def run(path, stop_after=None, resume=False, seconds=0.0):
+        run = RunFolder.create(path, {"what": "net"}, kind="test", resume=resume)
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 6))
+        engine = Engine(run, torch.device("cpu"), models={"net": net},
+                        optimizers={"main": torch.optim.Adam(net.parameters(), 1e-2)},
+                        seed=3, total=12, unit="step", precision="fp32")
+        if resume:
+            engine.resume()
+
+        def update(step):
+            x = DATA[step_batch(len(DATA), 8, 3, step)]
+            loss = ((net(x) - x) ** 2).mean()
+            engine.optimize(loss)
+            engine.accumulate({"loss": loss.item()})
+
+        def after(step, _):
+            # a noisy score, best at some step in the middle: best.pt must hold that step's weights, not the last
+            engine.keep_if_best([5, 3, 4, 1, 2, 6, 7, 8, 9, 10, 11, 12][step], "min")
+
+        engine.run_loop(update, after, checkpoint_every=1, checkpoint_seconds=seconds, stop_after=stop_after,
+                        progress=False)
+        return engine, net
+
+    _, every = run(tmp_path / "every")
+    assert saves.count("last") == 12 and saves.count("best") == 3
+    saves.clear()
+    _, timed = run(tmp_path / "timed", seconds=3600)
+    assert saves == ["best", "last"]  # once, at the end: the held best first
+    for name in ("last", "best"):
+        a, b = (RunFolder(tmp_path / d).load_checkpoint(name) for d in ("every", "timed"))
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key])
+    best = RunFolder(tmp_path / "timed").load_checkpoint("best")
+    assert best["step"] == 4  # the 4th update had the lowest score, and later updates did not leak into it
+    saves.clear()
+    run(tmp_path / "stopped", stop_after=5, seconds=3600)
+    assert saves == ["best", "last"]
+    _, resumed = run(tmp_path / "stopped", resume=True, seconds=3600)
+    for a, b in zip(every.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(RunFolder(tmp_path / "stopped").load_checkpoint("best")["model"]["0.weight"],
+                       RunFolder(tmp_path / "every").load_checkpoint("best")["model"]["0.weight"])

@@ -24,6 +24,7 @@ the optimizer to step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -194,6 +195,9 @@ class Engine:
             use_deterministic_kernels(device)
         self.items_seen = 0
         self._t0 = time.perf_counter()
+        # best.pt held in memory until the next last.pt (run_loop with checkpoint_seconds > 0)
+        self._defer_best = False
+        self._pending_best: dict[str, Any] | None = None
 
     # -- the model that best.pt rebuilds ------------------------------------------------------------------
     @property
@@ -287,6 +291,9 @@ class Engine:
         return model.checkpoint() if hasattr(model, "checkpoint") else {"model": model.state_dict()}
 
     def save_last(self) -> None:
+        """Write checkpoints/last.pt, after any best.pt still held in memory (so the best.pt on disk is never
+        older than the state last.pt resumes from)."""
+        self.flush_best()
         names = list(self.models)
         self.run.save_checkpoint("last", {
             **self._model_checkpoint(),
@@ -304,9 +311,18 @@ class Engine:
             return False
         iteration = self.done
         self.state["best"], self.state["best_at"] = value, iteration
-        self.run.save_checkpoint("best", {**self._model_checkpoint(), **self.checkpoint_extra(),
-                                          self.unit: iteration, **fields})
+        best = {**self._model_checkpoint(), **self.checkpoint_extra(), self.unit: iteration, **fields}
+        if self._defer_best:  # a copy: training goes on changing the live weights
+            self._pending_best = copy.deepcopy(best)
+        else:
+            self.run.save_checkpoint("best", best)
         return True
+
+    def flush_best(self) -> None:
+        """Write a best.pt held in memory (see `run_loop`'s checkpoint_seconds)."""
+        if self._pending_best is not None:
+            self.run.save_checkpoint("best", self._pending_best)
+            self._pending_best = None
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run_loop(
@@ -315,6 +331,7 @@ class Engine:
         after: Callable[[int, Any], Mapping[str, Any] | None] | None = None,
         *,
         checkpoint_every: int = 1,
+        checkpoint_seconds: float = 0.0,
         stop_after: int | None = None,
         progress: bool = True,
         desc: str = "",
@@ -327,8 +344,16 @@ class Engine:
         the iteration under way, writes last.pt and raises KeyboardInterrupt, so the checkpoint never holds
         half an iteration (half an epoch's updates under the previous epoch's count would break resuming); a
         second Ctrl-C stops at once, leaving the previous checkpoint.
+
+        `checkpoint_seconds` > 0 skips a due last.pt until that many seconds have passed since the previous
+        one (the end of the call, the end of training and Ctrl-C still write it), and holds best.pt in memory
+        until the next last.pt: for iterations that take less time than writing a large checkpoint (a U-Net
+        epoch of a few tiles). A resumed run is still bit-identical; a killed one repeats at most that many
+        seconds of work.
         """
         end = self.total if stop_after is None else min(self.total, self.done + stop_after)
+        self._defer_best = checkpoint_seconds > 0
+        saved_at = time.monotonic()
         bar = progress_bar(enabled=progress, total=self.total, initial=self.done, desc=desc, unit=self.unit)
         for model in self.models.values():
             model.train()
@@ -342,8 +367,10 @@ class Engine:
                     shown = after(number, out) if after is not None else None
                     for model in self.models.values():
                         model.train()
-                    if self.done % checkpoint_every == 0 or self.done == end or self.finished or interrupted():
+                    due = self.done % checkpoint_every == 0 and time.monotonic() - saved_at >= checkpoint_seconds
+                    if due or self.done == end or self.finished or interrupted():
                         self.save_last()
+                        saved_at = time.monotonic()
                     if shown:
                         bar.set_postfix(**shown)
                     bar.update(1)
@@ -351,3 +378,4 @@ class Engine:
                         raise KeyboardInterrupt
             finally:
                 bar.close()
+                self._defer_best, self._pending_best = False, None  # written by save_last, or lost with last.pt

@@ -95,6 +95,11 @@ class SegTrainConfig(TrainingConfig):
         15, ge=1, description="validations (epochs, or val_every steps) without improvement before stopping, where "
         "early_stop is on (paper: 15)"
     )
+    checkpoint_seconds: float = Field(
+        30.0, ge=0, description="checkpoints/last.pt at an epoch's end (step mode: a validation) only when this many "
+        "seconds have passed since the previous one, and best.pt with it (both always at the end and on Ctrl-C); "
+        "a killed run repeats at most this much work. 0: after every epoch or validation"
+    )
 
     @field_validator("encoder_weights")
     @classmethod
@@ -332,11 +337,15 @@ def train_segmentation(
             on_epoch(row)
         return {config.monitor: f"{100 * value:.1f}"}
 
-    if stepped:  # last.pt at each validation (and at the end of the call): an update costs less than a checkpoint
-        engine.run_loop(step_fn, after, checkpoint_every=every, stop_after=stop_after, progress=progress,
+    # last.pt (and best.pt) at an epoch's end or a validation, at most every checkpoint_seconds, and at the end of
+    # the call: a U-Net checkpoint (about 70 MB for the quick preset) can cost more than a small epoch
+    if stepped:
+        engine.run_loop(step_fn, after, checkpoint_every=every, checkpoint_seconds=config.checkpoint_seconds,
+                        stop_after=stop_after, progress=progress,
                         desc="U-Net")
     else:
-        engine.run_loop(epoch_fn, after, checkpoint_every=1, stop_after=stop_after, progress=False)
+        engine.run_loop(epoch_fn, after, checkpoint_every=1, checkpoint_seconds=config.checkpoint_seconds,
+                        stop_after=stop_after, progress=False)
     draw_learning_curve(run.path, config.monitor)  # once per call, not per epoch: a figure costs a fraction of an epoch
 
     best = engine.state["best"]
