@@ -341,8 +341,7 @@ def train_segmentation(
     # the call: a U-Net checkpoint (about 70 MB for the quick preset) can cost more than a small epoch
     if stepped:
         engine.run_loop(step_fn, after, checkpoint_every=every, checkpoint_seconds=config.checkpoint_seconds,
-                        stop_after=stop_after, progress=progress,
-                        desc="U-Net")
+                        stop_after=stop_after, progress=progress, desc="U-Net")
     else:
         engine.run_loop(epoch_fn, after, checkpoint_every=1, checkpoint_seconds=config.checkpoint_seconds,
                         stop_after=stop_after, progress=False)
