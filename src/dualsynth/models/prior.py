@@ -323,7 +323,8 @@ def _gate(x: torch.Tensor) -> torch.Tensor:
     Training convolutions on a CPU return channels-last tensors, where a channel half is a strided view that
     elementwise kernels walk slowly: there the sigmoid runs once over the whole of x (a scaled by 2, b by 1)
     and the result is made channels-last again for the next convolution (a prior update takes 0.78-0.86x the
-    CPU time, benchmarks/bench_prior_gate.py). The small, plain tensors of the sampler keep the two-halves form, cheaper for them.
+    CPU time, benchmarks/bench_prior_gate.py). The small, plain tensors of the sampler keep the two-halves
+    form, cheaper for them.
     """
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         a, b = x.chunk(2, dim=1)

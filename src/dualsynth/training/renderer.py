@@ -209,7 +209,8 @@ def train_renderer(
         run, dev, models={"renderer": generator, "discriminator": disc},
         optimizers={"main": adam(generator.parameters(), config.lr, betas=(0.5, 0.999)),
                     "disc": adam(disc.parameters(), config.lr_disc, betas=(0.5, 0.999))},
-        seed=config.seed, total=config.steps, unit="step", run_config=run_config, precision=config.precision, deterministic=config.deterministic,
+        seed=config.seed, total=config.steps, unit="step", run_config=run_config, precision=config.precision,
+        deterministic=config.deterministic,
     )
     if resume:
         engine.resume()
