@@ -184,8 +184,8 @@ def test_logits_at_matches_the_full_network(make, use_default):
 
 @pytest.mark.parametrize("layout", ["plain", "channels_last"])
 def test_gate_is_tanh_times_sigmoid_in_either_memory_layout(layout):
-    """The gate's two forms (two halves for plain tensors, one sigmoid over a channels-last tensor) are both
-    tanh(a) * sigmoid(b), with the same gradients, and the channels-last form stays channels-last."""
+    """`_gate([2a, b])` is tanh(a) * sigmoid(b) in either memory layout, with the same gradients, and a
+    channels-last input gives a channels-last output."""
     from dualsynth.models.prior import _gate
 
     torch.manual_seed(0)
@@ -197,7 +197,10 @@ def test_gate_is_tanh_times_sigmoid_in_either_memory_layout(layout):
     ref_x = x.detach().clone().contiguous().requires_grad_(True)
     a, b = ref_x.chunk(2, dim=1)
     ref = torch.tanh(a) * torch.sigmoid(b)
-    out = _gate(x)
+    doubled = torch.cat([2 * x[:, :4], x[:, 4:]], dim=1)
+    if layout == "channels_last":
+        doubled = doubled.contiguous(memory_format=torch.channels_last)
+    out = _gate(doubled)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     weights = torch.randn_like(ref)
     (out * weights).sum().backward()
@@ -205,3 +208,53 @@ def test_gate_is_tanh_times_sigmoid_in_either_memory_layout(layout):
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def reference_gated_forward(model: GatedPixelCNN, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """The gated PixelCNN written out plainly from its parameters: tanh * sigmoid gates, every convolution
+    with its own weights, one skip convolution per layer (no folding, no stacking)."""
+    import torch.nn.functional as F
+
+    def gate(pre):
+        a, b = pre.chunk(2, dim=1)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    v = h = x
+    skips = 0.0
+    for layer in model.layers:
+        k2 = layer.k2
+        v_bias = h_bias = 0.0
+        if cond is not None:
+            v_bias, h_bias = layer.cond(cond)[:, :, None, None].chunk(2, dim=1)
+        pre_v = layer.vertical(F.pad(v, (k2, k2, k2, 0)))[:, :, : v.shape[-2]]
+        v_to_h = layer.vertical_to_horizontal(pre_v)
+        v = gate(pre_v + v_bias)
+        pre_h = layer.horizontal(F.pad(h, (k2, 0, 0, 0)))[..., : h.shape[-1]]
+        gated_h = gate(pre_h + v_to_h + h_bias)
+        out = layer.horizontal_out(gated_h)
+        h = out if layer.first else h + out
+        skips = skips + layer.skip(gated_h)
+    return model.head(skips)
+
+
+@pytest.mark.parametrize("cond_dim", [0, 3])
+def test_gated_forward_equals_the_plainly_written_network(cond_dim):
+    """Folding the gate's factor 2 into the weights and stacking the skip convolutions leave the function
+    as written in the gated PixelCNN paper: the same logits and gradients as the plain reference, and the
+    state dict holds only the parameters (checkpoints from before the folding load)."""
+    torch.manual_seed(0)
+    model = gated(cond_dim=cond_dim, hidden=6).double()
+    x = torch.rand(2, 3, 6, 7, dtype=torch.float64)
+    cond = torch.rand(2, cond_dim, dtype=torch.float64) if cond_dim else None
+    out = model.forward_onehot(x, cond)
+    ref = reference_gated_forward(model, x, cond)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(ref)
+    # (the last layer's horizontal output feeds nothing: no gradient for it in either)
+    grads = torch.autograd.grad((out * weights).sum(), list(model.parameters()), allow_unused=True)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), list(model.parameters()), allow_unused=True)
+    assert [g is None for g in grads] == [r is None for r in ref_grads]
+    for g, r in zip(grads, ref_grads):
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    assert not any("gate_scale" in key for key in model.state_dict())

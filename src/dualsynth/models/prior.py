@@ -317,23 +317,30 @@ class PixelCNN(_Prior):
 
 
 def _gate(x: torch.Tensor) -> torch.Tensor:
-    """tanh(a) * sigmoid(b) for x = [a, b] (split on channels), with tanh(a) written as 2 sigmoid(2a) - 1: the
-    same function, and on CPUs torch's sigmoid kernel is several times faster than its tanh.
+    """tanh(a) * sigmoid(b) for the gate input [a, b] (split on channels), given x = [2a, b].
 
-    Training convolutions on a CPU return channels-last tensors, where a channel half is a strided view that
-    elementwise kernels walk slowly: there the sigmoid runs once over the whole of x (a scaled by 2, b by 1)
-    and the result is made channels-last again for the next convolution (a prior update takes 0.78-0.86x the
-    CPU time, benchmarks/bench_prior_gate.py). The small, plain tensors of the sampler keep the two-halves
-    form, cheaper for them.
+    tanh(a) is written as 2 sigmoid(2a) - 1: the same function, and on CPUs torch's sigmoid kernel is several
+    times faster than its tanh. The layers fold the factor 2 into the weights that produce the first half, so
+    one sigmoid runs over the whole of x. Training convolutions on a CPU return channels-last tensors, where a
+    channel half is a strided view; the result is made channels-last again for the next convolution.
     """
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        a, b = x.chunk(2, dim=1)
-        return (2 * torch.sigmoid(2 * a) - 1) * torch.sigmoid(b)
-    half = x.shape[1] // 2
-    scale = x.new_ones(1, 2 * half, 1, 1)
-    scale[:, :half] = 2
-    a, b = torch.sigmoid(x * scale).chunk(2, dim=1)
-    return ((2 * a - 1) * b).contiguous(memory_format=torch.channels_last)
+    a, b = torch.sigmoid(x).chunk(2, dim=1)
+    out = (2 * a - 1) * b
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _plus(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias
+
+
+class _Weights(NamedTuple):
+    """A gated layer's convolution weights as its forward pass uses them (see `GatedLayer.gate_weights`)."""
+
+    vertical: tuple[torch.Tensor, torch.Tensor]
+    horizontal: tuple[torch.Tensor, torch.Tensor]
+    to_horizontal: tuple[torch.Tensor, torch.Tensor]
 
 
 class GatedLayer(nn.Module):
@@ -345,6 +352,11 @@ class GatedLayer(nn.Module):
     positions' features. So the vertical features at row i depend on rows < i alone and feed the horizontal
     stack at row i without a shift: the receptive field is the whole rectangle above plus the row to the
     left, with no blind spot.
+
+    Every gate input is computed with its tanh half doubled (`_gate`): the factor 2 is folded into the
+    weights of the convolutions that produce it (`gate_weights`), not applied to the activations. Scaling by
+    2 is exact in floating point, so the layer computes the same values as with the factor applied to the
+    activations, with one pass less over its largest tensors; the parameters are unchanged.
     """
 
     def __init__(self, in_channels: int, hidden: int, kernel: int, first: bool, skip: int, cond_dim: int):
@@ -359,44 +371,61 @@ class GatedLayer(nn.Module):
         self.horizontal_out = nn.Conv2d(hidden, hidden, 1)
         self.skip = nn.Conv2d(hidden, skip, 1)
         self.cond = nn.Linear(cond_dim, 4 * hidden) if cond_dim else None
+        # (2, ..., 2, 1, ..., 1) over the gate channels; not saved with the weights
+        self.register_buffer("gate_scale", torch.tensor([2.0] * hidden + [1.0] * hidden), persistent=False)
+
+    def gate_weights(self) -> _Weights:
+        """The vertical and horizontal convolutions with their outputs' tanh half doubled, and the vertical ->
+        horizontal 1x1 convolution reading the doubled vertical output and writing a doubled contribution."""
+        s = self.gate_scale
+        out = s[:, None, None, None]
+        return _Weights(
+            (self.vertical.weight * out, self.vertical.bias * s),
+            (self.horizontal.weight * out, self.horizontal.bias * s),
+            (self.vertical_to_horizontal.weight * out / s[None, :, None, None], self.vertical_to_horizontal.bias * s),
+        )
 
     def cond_bias(self, cond: torch.Tensor | None) -> tuple[Any, Any]:
-        """(vertical, horizontal) gate biases from the conditioning vector, shaped to broadcast."""
+        """(vertical, horizontal) gate biases from the conditioning vector, shaped to broadcast and scaled as
+        the gate inputs (`gate_weights`); (None, None) without conditioning."""
         if self.cond is None:
-            return 0.0, 0.0
-        v, h = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
-        return v, h
+            return None, None
+        bias = self.cond(cond)[:, :, None, None]
+        v, h = bias.chunk(2, dim=1)
+        s = self.gate_scale[None, :, None, None].to(bias.dtype)
+        return v * s, h * s
 
-    def vertical_step(self, v: torch.Tensor, v_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    def vertical_step(self, v: torch.Tensor, v_bias, weights: _Weights) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertical input (B, C, H, W) -> (next vertical input, contribution to the horizontal stack)."""
         rows = v.shape[-2]
         # pad k2 rows on top, keep the first H output rows: output row i reads rows i-k2 .. i (.. i-1 if first)
-        pre = self.vertical(F.pad(v, (self.k2, self.k2, self.k2, 0)))[:, :, :rows]
-        return _gate(pre + v_bias), self.vertical_to_horizontal(pre)
+        pre = F.conv2d(F.pad(v, (self.k2, self.k2, self.k2, 0)), *weights.vertical)[:, :, :rows]
+        return _gate(_plus(pre, v_bias)), F.conv2d(pre, *weights.to_horizontal)
 
-    def horizontal_step(self, h: torch.Tensor, v_to_h: torch.Tensor, h_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    def horizontal_step(self, h: torch.Tensor, v_to_h: torch.Tensor, h_bias, weights: _Weights):
         """Horizontal input and the vertical contribution -> (next horizontal input, gated activation); the
         layer's skip output is `self.skip(gated)`, which the whole network applies for all layers at once."""
         cols = h.shape[-1]
-        pre = self.horizontal(F.pad(h, (self.k2, 0, 0, 0)))[..., :cols]
+        pre = F.conv2d(F.pad(h, (self.k2, 0, 0, 0)), *weights.horizontal)[..., :cols]
         return self._horizontal_out(pre, h, v_to_h, h_bias)
 
     def _horizontal_out(self, pre, h, v_to_h, h_bias):
-        gated = _gate(pre + v_to_h + h_bias)
+        gated = _gate(_plus(pre + v_to_h, h_bias))
         out = self.horizontal_out(gated)
         # the first layer's input is the current position's own code: adding it back would leak it
         return (out if self.first else h + out), gated
 
     # one row / one position at a time, for the fast sampler
-    def vertical_row(self, above: torch.Tensor, v_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    def vertical_row(self, above: torch.Tensor, v_bias, weights: _Weights) -> tuple[torch.Tensor, torch.Tensor]:
         """`vertical_step` for the newest row only, from the `depth` input rows it reads (B, C, depth, W)."""
-        pre = self.vertical(F.pad(above, (self.k2, self.k2, 0, 0)))
-        return _gate(pre + v_bias), self.vertical_to_horizontal(pre)
+        pre = F.conv2d(F.pad(above, (self.k2, self.k2, 0, 0)), *weights.vertical)
+        return _gate(_plus(pre, v_bias)), F.conv2d(pre, *weights.to_horizontal)
 
-    def horizontal_at(self, left: torch.Tensor, h: torch.Tensor | None, v_to_h: torch.Tensor, h_bias):
+    def horizontal_at(self, left: torch.Tensor, h: torch.Tensor | None, v_to_h: torch.Tensor, h_bias,
+                      weights: _Weights):
         """`horizontal_step` at the newest position only, from the `depth` input columns it reads
         (B, C, 1, depth); `h` is the input at that position (the residual), unused by the first layer."""
-        h, gated = self._horizontal_out(self.horizontal(left), h, v_to_h, h_bias)
+        h, gated = self._horizontal_out(F.conv2d(left, *weights.horizontal), h, v_to_h, h_bias)
         return h, self.skip(gated)
 
 
@@ -423,8 +452,9 @@ class GatedPixelCNN(_Prior):
         v, h, gated = x, x, []
         for layer in self.layers:
             v_bias, h_bias = layer.cond_bias(cond)
-            v, v_to_h = layer.vertical_step(v, v_bias)
-            h, g = layer.horizontal_step(h, v_to_h, h_bias)
+            weights = layer.gate_weights()
+            v, v_to_h = layer.vertical_step(v, v_bias, weights)
+            h, g = layer.horizontal_step(h, v_to_h, h_bias, weights)
             gated.append(g)
         # sum over layers of skip_l(gated_l), as one 1x1 convolution over the stacked gated activations: the same
         # sum, in one large operation instead of one small one per layer (faster on a CPU)
@@ -443,6 +473,7 @@ class GatedPixelCNN(_Prior):
         state = SamplingState(x, cond)
         state.cache.update(
             bias=[layer.cond_bias(cond) for layer in self.layers],
+            weights=[layer.gate_weights() for layer in self.layers],
             # per layer: its vertical output on the last rows the next layer reads (grows to `depth` rows)
             vertical=[x.new_zeros(n, hidden, 0, w) for _ in self.layers],
             # per layer: its vertical -> horizontal contribution on the current row
@@ -457,7 +488,7 @@ class GatedPixelCNN(_Prior):
         cache, w = state.cache, state.x.shape[-1]
         above = _window(state.x, i - 1, 0, self.layers[0].depth - 1, 0, w - 1)
         for n, layer in enumerate(self.layers):
-            v, cache["to_horizontal"][n] = layer.vertical_row(above, cache["bias"][n][0])
+            v, cache["to_horizontal"][n] = layer.vertical_row(above, cache["bias"][n][0], cache["weights"][n])
             if n + 1 < len(self.layers):
                 depth = self.layers[n + 1].depth
                 cache["vertical"][n] = rows = torch.cat([cache["vertical"][n], v], dim=2)[:, :, -depth:]
@@ -469,7 +500,8 @@ class GatedPixelCNN(_Prior):
         left = _window(state.x[:, :, i : i + 1], 0, j - 1, 0, self.layers[0].depth - 1, 0)
         h, skips = None, 0.0
         for n, layer in enumerate(self.layers):
-            h, s = layer.horizontal_at(left, h, cache["to_horizontal"][n][..., j : j + 1], cache["bias"][n][1])
+            h, s = layer.horizontal_at(left, h, cache["to_horizontal"][n][..., j : j + 1], cache["bias"][n][1],
+                                       cache["weights"][n])
             skips = skips + s
             if n + 1 < len(self.layers):
                 row = cache["horizontal"][n]
