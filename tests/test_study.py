@@ -115,6 +115,34 @@ def test_synthetic_only_series_and_workers(tmp_path):
     assert {r["series"] for r in rows} == {"HQ", "synthetic-only"}
 
 
+def test_list_schedule_and_held_back_tail_runs():
+    from dualsynth.study.runner import THREAD_SPEEDUP_PER_DOUBLING, list_schedule, tail_runs
+
+    assert list_schedule([3, 3, 2, 2, 1], 2) == 6  # 3+2+1 on one worker, 3+2 on the other
+    assert list_schedule([5], 4) == 5 and list_schedule([], 2) == 0
+    assert THREAD_SPEEDUP_PER_DOUBLING == 1.5
+    # the demo's seven runs on two workers: three pairs, then the last one alone on both cores
+    assert tail_runs([112, 112, 84, 84, 56, 56, 56], 2) == 1  # 252 + 56 / 1.5 < 308
+    assert tail_runs([6, 6, 6], 2) == 1  # 6 + 4 < 12
+    assert tail_runs([12, 9, 6], 2) == 0  # 12 + 6 / 1.5 = 16 > 15: better started at once on one thread
+    assert tail_runs([4, 4, 4, 4], 2) == 0  # nothing left over
+    assert tail_runs([4, 4, 4, 4, 4], 4) == 1  # one left over gets four workers' threads: 2.25x
+    assert tail_runs([4, 4, 4, 4, 4, 4], 4) == 2  # 4 + 4 / 1.5 < 8
+    assert tail_runs([4, 4], 1) == 0 and tail_runs([4], 2) == 0
+
+
+def test_a_run_left_over_trains_alone_with_the_threads_of_both_workers(tmp_path):
+    path = write_study(tmp_path, percentages=[0], seeds=[0, 1, 2])
+    out = tmp_path / "study"
+    lines: list[str] = []
+    summary = run_study(load_study_config(path), out, workers=2, threads=1, log=lines.append, progress=False)
+    assert summary["trained"] == 3, summary
+    assert "study: 2 worker(s) side by side, the last 1 run(s) then with the cores of the others" in lines
+    threads = {name: json.loads((out / "runs" / name / "manifest.json").read_text())["threads"]
+               for name in ("HQ-000pct-seed0", "HQ-000pct-seed1", "HQ-000pct-seed2")}
+    assert threads == {"HQ-000pct-seed0": 1, "HQ-000pct-seed1": 1, "HQ-000pct-seed2": 2}, threads
+
+
 def test_ray_backend(tmp_path):
     ray = pytest.importorskip("ray")
     # one task at a time on both CPUs: a single Ray worker process imports torch once for both runs

@@ -150,11 +150,16 @@ def _train_runs(config: StudyConfig, out: Path, runs: list[StudyRun], seg_config
     jobs = [asdict(r) for r in todo]
     if workers is None:
         workers = study_workers(len(jobs), config.device)
+    tail = 0
     if workers > 1:
         # largest training sets first: side by side, the last runs then end close together (fewer idle workers)
-        jobs.sort(key=training_tiles, reverse=True)
+        costs = [training_tiles(job) for job in jobs]
+        order = sorted(range(len(jobs)), key=lambda i: costs[i], reverse=True)
+        jobs, costs = [jobs[i] for i in order], [costs[i] for i in order]
+        tail = tail_runs(costs, workers)
     if jobs and backend == "local":
-        log(f"study: {min(workers, len(jobs))} worker(s) side by side")
+        log(f"study: {min(workers, len(jobs))} worker(s) side by side"
+            + (f", the last {tail} run(s) then with the cores of the others" if tail else ""))
     if not jobs:
         pass
     elif backend == "ray":
@@ -163,7 +168,7 @@ def _train_runs(config: StudyConfig, out: Path, runs: list[StudyRun], seg_config
         for i, job in enumerate(jobs, 1):
             report(i, run_one(job, *args, threads=threads, progress=progress))
     else:
-        _run_processes(run_one, jobs, args, workers, threads, report)
+        _run_processes(run_one, jobs, args, workers, threads, report, tail=tail)
 
     paths = write_study_outputs(config, out)
     failed = [r for r in results if "error" in r]
@@ -304,10 +309,44 @@ def study_workers(jobs: int, device: str = "auto") -> int:
     return max(1, min(jobs, auto_threads()))
 
 
+# how much faster one training runs on k times the threads, at the least (U-Net steps with 2 threads against 1:
+# 1.86x in bf16, 1.57x in fp32 on a quiet 2-core machine; docs/benchmarks.md)
+THREAD_SPEEDUP_PER_DOUBLING = 1.5
+
+
+def list_schedule(costs: list[float], workers: int) -> float:
+    """When the last of `costs` ends if each, in order, starts on the first free one of `workers`."""
+    free = [0.0] * max(1, workers)
+    for cost in costs:
+        i = free.index(min(free))
+        free[i] += cost
+    return max(free)
+
+
+def tail_runs(costs: list[float], workers: int) -> int:
+    """How many of the last runs (`costs` sorted largest first) to hold back until the others are done, then
+    train side by side with the threads of all the workers shared among them.
+
+    With n runs on w workers, n mod w runs are left over for a last round in which the other workers would sit
+    idle. They are held back when the schedule predicts it ends sooner that way: every run given k times the
+    threads is taken as only THREAD_SPEEDUP_PER_DOUBLING ** log2(k) faster. 0: no run held back. The choice
+    depends on the runs alone, never on timing, so a study on the same machine trains the same way each time.
+    """
+    import math
+
+    tail = len(costs) % workers if workers > 1 else 0
+    if tail == 0 or tail == len(costs):
+        return 0
+    speedup = THREAD_SPEEDUP_PER_DOUBLING ** math.log2(workers / tail)
+    held = list_schedule(costs[:-tail], workers) + max(costs[-tail:]) / speedup
+    return tail if held < list_schedule(costs, workers) else 0
+
+
 def _run_processes(fn: Callable, jobs: list[dict], args: tuple, workers: int, threads: int | None, report: Callable,
-                   **kwargs: Any) -> None:
+                   tail: int = 0, **kwargs: Any) -> None:
     """Each job as `fn(job, *args, threads, False, **kwargs)` in a pool of `workers` spawned processes that end
-    with this one (a study run or a generator)."""
+    with this one (a study run or a generator). The last `tail` jobs start once all the others are done, with
+    the threads of all workers shared among them (`tail_runs`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -315,11 +354,17 @@ def _run_processes(fn: Callable, jobs: list[dict], args: tuple, workers: int, th
 
     # spawn, not fork: a forked child inherits torch's thread pools and locks in whatever state they are in
     threads = threads or auto_threads(workers)
+    rounds = [(jobs[: len(jobs) - tail], threads)]
+    if tail:
+        rounds.append((jobs[len(jobs) - tail :], max(1, threads * workers // tail)))
+    i = 0
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=exit_with_parent) as pool:
-        futures = [pool.submit(fn, job, *args, threads, False, **kwargs) for job in jobs]
-        for i, fut in enumerate(as_completed(futures), 1):
-            report(i, fut.result())
+        for round_jobs, round_threads in rounds:
+            futures = [pool.submit(fn, job, *args, round_threads, False, **kwargs) for job in round_jobs]
+            for fut in as_completed(futures):
+                i += 1
+                report(i, fut.result())
 
 
 def _run_ray(fn: Callable, jobs: list[dict], args: tuple, address: str | None, config: StudyConfig, report: Callable,
