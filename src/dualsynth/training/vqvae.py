@@ -312,6 +312,8 @@ def train_vqvae(
     def disc_view(joint: torch.Tensor) -> torch.Tensor:
         return joint[:, :c_img] if config.discriminator.sees == "image" else joint
 
+    plain_mse = config.image_loss == "mse" and config.mask_loss == "mse" and not model_config.mask_logits
+
     def update(step: int) -> None:
         idx = step_batch(len(train_tiles), config.batch_size, config.seed, step)
         x = joint_batch(train_tiles, idx, config.tile, config.augment, config.seed, step).to(dev)
@@ -353,9 +355,12 @@ def train_vqvae(
             values.update(d_loss=d_loss.item(), d_real=real_logit.item(), d_fake=fake_logit.item())
         with torch.no_grad():
             # MSEs of what decoding returns (mask probabilities for cross-entropy), whatever the training loss
-            decoded = model.output(out.recon.detach()).float()
-            image_mse, mask_mse = reconstruction_losses(x, decoded, c_img)
-            recon_error = torch.nn.functional.mse_loss(decoded, x).item()
+            if plain_mse:  # then they are the loss terms already computed
+                image_mse, mask_mse = image_term.detach(), mask_term.detach()
+            else:
+                image_mse, mask_mse = reconstruction_losses(x, model.output(out.recon.detach()).float(), c_img)
+            # the MSE over all channels, as the channel-weighted mean of the two
+            recon_error = ((c_img * image_mse + (x.shape[1] - c_img) * mask_mse) / x.shape[1]).item()
         if config.image_loss != "mse":
             values["image_l1"] = image_term.item()
         if config.mask_loss != "mse":
