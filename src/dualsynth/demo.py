@@ -65,6 +65,14 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     state["config"] = settings
     state.setdefault("seconds", {})
     threads = parse_threads(config.threads)
+    from dualsynth.study.runner import study_workers
+
+    if (threads or study_workers(2, config.device)) > 1:
+        from dualsynth.config import STUDY_WORKER_MODULES, worker_context
+
+        # the worker processes of `sample` and `study` fork from a server whose imports (about 5 s) run now,
+        # beside the first stages, instead of each worker's at the start of those stages
+        worker_context(STUDY_WORKER_MODULES)
 
     raw, data, runs = out / "demo-data", out / "data", out / "runs"
     vq_dir, prior_dir, synth_dir, study_dir = runs / "vqvae", runs / "prior", out / "synthetic", out / "study"

@@ -286,15 +286,14 @@ def record_fidelity(out_dir: str | Path, real: str | Path, report: dict[str, Any
 
 @contextlib.contextmanager
 def _pool(workers: int):
-    """A pool of `workers` spawned processes (None for one: the work runs here)."""
+    """A pool of `workers` processes (`dualsynth.config.worker_context`; None for one: the work runs here)."""
     if workers <= 1:
         yield None
         return
-    import multiprocessing
+    from dualsynth.config import worker_context, worker_initializer
 
-    from dualsynth.config import exit_with_parent
-
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=exit_with_parent) as pool:
+    initializer, initargs = worker_initializer()
+    with worker_context(["dualsynth.synthetic"]).Pool(workers, initializer=initializer, initargs=initargs) as pool:
         yield pool
 
 

@@ -1,7 +1,7 @@
 """Running a study: each planned run trained with `train-seg` and evaluated on the test set.
 
 `run_study` checks every input first (`check_inputs`), skips finished runs, and trains the others one after
-another, side by side in spawned worker processes (``workers``), or as Ray tasks (``backend="ray"``), which
+another, side by side in worker processes (``workers``), or as Ray tasks (``backend="ray"``), which
 spreads a study over a cluster whose nodes see the same file system. `run_one` trains and evaluates one run; an
 unfinished run resumes from its last epoch. At the end `run_study` writes the results, figures and report
 (`dualsynth.study.report.write_study_outputs`).
@@ -91,7 +91,8 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or continue) a study into `out` and write its results, figures and report; return a summary.
 
-    `workers` > 1 runs that many trainings side by side in spawned processes; None chooses (`study_workers`:
+    `workers` > 1 runs that many trainings side by side in worker processes (`dualsynth.config.worker_context`,
+    started here so that their imports overlap the checks); None chooses (`study_workers`:
     one per free core on a CPU, one on a GPU). Each worker gets `threads` torch threads, None: the free cores
     shared by the workers (`dualsynth.config.auto_threads`).
     `backend="ray"` submits each run as a Ray task (to the cluster at `address`, or a local
@@ -102,6 +103,10 @@ def run_study(
     if backend not in ("local", "ray"):
         raise InputError("--backend", f"unknown backend '{backend}' (local or ray)")
     out = Path(out)
+    if backend == "local" and (workers or study_workers(2, config.device)) > 1:
+        from dualsynth.config import STUDY_WORKER_MODULES, worker_context
+
+        worker_context(STUDY_WORKER_MODULES)  # the workers' imports start now, beside the checks and fidelity
     if config.label_efficiency:
         return _run_label_study(config, out, workers, backend, address, threads, progress, log)
     seg_config = seg_config_dict(config)
@@ -344,22 +349,21 @@ def tail_runs(costs: list[float], workers: int) -> int:
 
 def _run_processes(fn: Callable, jobs: list[dict], args: tuple, workers: int, threads: int | None, report: Callable,
                    tail: int = 0, **kwargs: Any) -> None:
-    """Each job as `fn(job, *args, threads, False, **kwargs)` in a pool of `workers` spawned processes that end
+    """Each job as `fn(job, *args, threads, False, **kwargs)` in a pool of `workers` processes that end
     with this one (a study run or a generator). The last `tail` jobs start once all the others are done, with
     the threads of all workers shared among them (`tail_runs`)."""
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from dualsynth.config import auto_threads, exit_with_parent
+    from dualsynth.config import STUDY_WORKER_MODULES, auto_threads, worker_context, worker_initializer
 
-    # spawn, not fork: a forked child inherits torch's thread pools and locks in whatever state they are in
     threads = threads or auto_threads(workers)
     rounds = [(jobs[: len(jobs) - tail], threads)]
     if tail:
         rounds.append((jobs[len(jobs) - tail :], max(1, threads * workers // tail)))
     i = 0
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=exit_with_parent) as pool:
+    initializer, initargs = worker_initializer()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(STUDY_WORKER_MODULES),
+                             initializer=initializer, initargs=initargs) as pool:
         for round_jobs, round_threads in rounds:
             futures = [pool.submit(fn, job, *args, round_threads, False, **kwargs) for job in round_jobs]
             for fut in as_completed(futures):
