@@ -218,6 +218,16 @@ def test_far_off_synthetic_only_points_do_not_flatten_the_other_series():
     assert any("56.0" in t.get_text() for t in ax.texts)
     plt.close(fig)
 
+    # a class missing from some runs' test tiles has no IoU there (NaN): the limits come from the others
+    fig, ax = plt.subplots()
+    nan = float("nan")
+    ax.plot([0, 50, 100], [88.0, 88.4, 56.0])
+    _keep_main_series_readable(ax, [Point("A", 100, None, nan, nan, 3, []), *main,
+                                    Point("s-only", None, 160, 0.56, 0.2, 3, [])], [(150.0, nan), (100.0, 56.0)])
+    low, high = ax.get_ylim()
+    assert 86 < low < 88 and 88.4 < high < 90
+    plt.close(fig)
+
 
 def _children(pid: int, deep: bool = True) -> set[int]:
     """The processes below `pid` (`deep`: all of them; the workers are children of a fork server, itself a

@@ -273,11 +273,15 @@ def _keep_main_series_readable(ax: Any, points: list[Point], only_xy: list[tuple
     """Synthetic-only runs can score far below the others and flatten every other series (the paper left such
     points out of its Figs. 15-19). Limit the y-axis to the real + synthetic series and mark the points below
     it with an arrow and their value at the bottom edge."""
-    main = [p for p in points if not p.series.endswith("-only")]
+    import math
+
+    # a class absent from every test tile of a run has no IoU (NaN): such points are not drawn, nor counted here
+    main = [p for p in points if not p.series.endswith("-only") and math.isfinite(p.mean)]
+    only_xy = [(x, y) for x, y in only_xy if math.isfinite(y)]
     if not main or not only_xy:
         return
-    lo = min(100 * (p.mean - p.std) for p in main)
-    hi = max(100 * (p.mean + p.std) for p in main)
+    lo = min(100 * (p.mean - (p.std if math.isfinite(p.std) else 0.0)) for p in main)
+    hi = max(100 * (p.mean + (p.std if math.isfinite(p.std) else 0.0)) for p in main)
     pad = max(0.5, 0.25 * (hi - lo))
     if all(lo - 4 * pad <= y <= hi + 4 * pad for _, y in only_xy):
         return
