@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dualsynth.config import process_alive, worker_context, worker_initializer
+from dualsynth.config import process_alive, wait_for_worker_server, worker_context, worker_initializer
 
 
 def _where_and_env(_: int) -> tuple[str, str | None, int]:
@@ -19,6 +19,7 @@ def _where_and_env(_: int) -> tuple[str, str | None, int]:
 
 def test_workers_see_the_callers_folder_and_environment_of_now(tmp_path, monkeypatch):
     ctx = worker_context()  # a fork server, started (if not already) before the changes below
+    wait_for_worker_server(ctx)  # its imports done
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DUALSYNTH_TEST_MARK", "after-the-server-started")
     initializer, initargs = worker_initializer()

@@ -321,6 +321,20 @@ def worker_context(preload: Sequence[str] = ()):
     return ctx
 
 
+def _nothing() -> None:
+    pass
+
+
+def wait_for_worker_server(ctx) -> None:
+    """Return once the fork server behind `ctx` (`worker_context`) has done its imports: a worker that does
+    nothing forks from it and ends. Called before thread counts are chosen from how busy the cores are, which
+    the server's imports would otherwise count as other work."""
+    if ctx.get_start_method() == "forkserver":
+        process = ctx.Process(target=_nothing)
+        process.start()
+        process.join()
+
+
 def worker_initializer() -> tuple[Callable[..., None], tuple]:
     """(initializer, initargs) for a pool from `worker_context`: the worker takes this process's working folder
     and environment as they are now (a fork server holds those of when it started), then `exit_with_parent`."""

@@ -65,14 +65,12 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     state["config"] = settings
     state.setdefault("seconds", {})
     threads = parse_threads(config.threads)
+    from dualsynth.config import STUDY_WORKER_MODULES, wait_for_worker_server, worker_context
     from dualsynth.study.runner import study_workers
 
-    if (threads or study_workers(2, config.device)) > 1:
-        from dualsynth.config import STUDY_WORKER_MODULES, worker_context
-
-        # the worker processes of `sample` and `study` fork from a server whose imports (about 5 s) run now,
-        # beside the first stages, instead of each worker's at the start of those stages
-        worker_context(STUDY_WORKER_MODULES)
+    # the worker processes of `sample` and `study` fork from a server whose imports (about 5 s) run beside the
+    # data stages, instead of each worker's at the start of those stages
+    server = worker_context(STUDY_WORKER_MODULES) if (threads or study_workers(2, config.device)) > 1 else None
 
     raw, data, runs = out / "demo-data", out / "data", out / "runs"
     vq_dir, prior_dir, synth_dir, study_dir = runs / "vqvae", runs / "prior", out / "synthetic", out / "study"
@@ -151,6 +149,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
                   progress=progress, log=log)
 
     for name, fn in zip(STAGES, (make_data, prepare_tiles, vqvae, prior, sample, study)):
+        if name == "vqvae" and server is not None:
+            wait_for_worker_server(server)  # done importing before the trainings choose their threads
         stage(name, fn)
     state["report"] = str(study_dir / "report.md")
     state["total_seconds"] = round(sum(state["seconds"].values()), 1)

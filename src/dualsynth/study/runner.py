@@ -354,15 +354,18 @@ def _run_processes(fn: Callable, jobs: list[dict], args: tuple, workers: int, th
     the threads of all workers shared among them (`tail_runs`)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from dualsynth.config import STUDY_WORKER_MODULES, auto_threads, worker_context, worker_initializer
+    from dualsynth.config import (STUDY_WORKER_MODULES, auto_threads, wait_for_worker_server, worker_context,
+                                  worker_initializer)
 
+    context = worker_context(STUDY_WORKER_MODULES)
+    wait_for_worker_server(context)
     threads = threads or auto_threads(workers)
     rounds = [(jobs[: len(jobs) - tail], threads)]
     if tail:
         rounds.append((jobs[len(jobs) - tail :], max(1, threads * workers // tail)))
     i = 0
     initializer, initargs = worker_initializer()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(STUDY_WORKER_MODULES),
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context,
                              initializer=initializer, initargs=initargs) as pool:
         for round_jobs, round_threads in rounds:
             futures = [pool.submit(fn, job, *args, round_threads, False, **kwargs) for job in round_jobs]
