@@ -18,7 +18,7 @@ from dualsynth.io import read_csv, read_yaml, write_json, write_yaml
 
 
 class DemoConfig(StrictModel):
-    """Sizes of the demo; the defaults finish in about 5-6 minutes on a quiet 2-core CPU."""
+    """Sizes of the demo; the defaults finish in about 4-5 minutes on a quiet 2-core CPU (docs/benchmarks.md)."""
 
     n: int = Field(24, ge=5, description="procedural micrographs (split by image into train/val/test)")
     size: int = Field(256, ge=64, description="micrograph size in px")
