@@ -65,12 +65,12 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     state["config"] = settings
     state.setdefault("seconds", {})
     threads = parse_threads(config.threads)
-    from dualsynth.config import STUDY_WORKER_MODULES, wait_for_worker_server, worker_context
-    from dualsynth.study.runner import study_workers
+    from dualsynth.config import wait_for_worker_server
+    from dualsynth.study.runner import start_worker_server
 
     # the worker processes of `sample` and `study` fork from a server whose imports (about 5 s) run beside the
     # data stages, instead of each worker's at the start of those stages
-    server = worker_context(STUDY_WORKER_MODULES) if (threads or study_workers(2, config.device)) > 1 else None
+    server = start_worker_server(threads, config.device)
 
     raw, data, runs = out / "demo-data", out / "data", out / "runs"
     vq_dir, prior_dir, synth_dir, study_dir = runs / "vqvae", runs / "prior", out / "synthetic", out / "study"

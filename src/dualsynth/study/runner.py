@@ -103,10 +103,8 @@ def run_study(
     if backend not in ("local", "ray"):
         raise InputError("--backend", f"unknown backend '{backend}' (local or ray)")
     out = Path(out)
-    if backend == "local" and (workers or study_workers(2, config.device)) > 1:
-        from dualsynth.config import STUDY_WORKER_MODULES, worker_context
-
-        worker_context(STUDY_WORKER_MODULES)  # the workers' imports start now, beside the checks and fidelity
+    if backend == "local":
+        start_worker_server(workers, config.device)  # the workers' imports run beside the checks and fidelity
     if config.label_efficiency:
         return _run_label_study(config, out, workers, backend, address, threads, progress, log)
     seg_config = seg_config_dict(config)
@@ -312,6 +310,17 @@ def study_workers(jobs: int, device: str = "auto") -> int:
     if resolve_device(device).type != "cpu":
         return 1
     return max(1, min(jobs, auto_threads()))
+
+
+def start_worker_server(workers: int | None, device: str = "auto"):
+    """Start the fork server of the worker processes now (`dualsynth.config.worker_context`), so that its
+    imports overlap what this process does first, if `workers` (None: `study_workers`' choice for this
+    device) means more than one process; return its context, or None."""
+    from dualsynth.config import STUDY_WORKER_MODULES, worker_context
+
+    if (workers or study_workers(2, device)) > 1:
+        return worker_context(STUDY_WORKER_MODULES)
+    return None
 
 
 # how much faster one training runs on k times the threads, at the least (U-Net steps with 2 threads against 1:
