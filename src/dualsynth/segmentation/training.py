@@ -339,12 +339,11 @@ def train_segmentation(
 
     # last.pt (and best.pt) at an epoch's end or a validation, at most every checkpoint_seconds, and at the end of
     # the call: a U-Net checkpoint (about 70 MB for the quick preset) can cost more than a small epoch
-    if stepped:
-        engine.run_loop(step_fn, after, checkpoint_every=every, checkpoint_seconds=config.checkpoint_seconds,
-                        stop_after=stop_after, progress=progress, desc="U-Net")
-    else:
-        engine.run_loop(epoch_fn, after, checkpoint_every=1, checkpoint_seconds=config.checkpoint_seconds,
-                        stop_after=stop_after, progress=False)
+    # step mode: an iteration is one update, checkpointed at validations, with a progress bar over the steps;
+    # epoch mode: an iteration is one epoch (its own bar inside), checkpointed at its end
+    fn, checkpoint_every, step_bar = (step_fn, every, progress) if stepped else (epoch_fn, 1, False)
+    engine.run_loop(fn, after, checkpoint_every=checkpoint_every, checkpoint_seconds=config.checkpoint_seconds,
+                    stop_after=stop_after, progress=step_bar, desc="U-Net")
     draw_learning_curve(run.path, config.monitor)  # once per call, not per epoch: a figure costs a fraction of an epoch
 
     best = engine.state["best"]
